@@ -1,0 +1,124 @@
+"""`UDKDTrainingArguments`: the Trainer's arguments plus UniKD's options (METHOD.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+_TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class UDKDTrainingArguments(TrainingArguments):
+    r"""
+    Configuration class for [`UDKDTrainer`]: every [`~transformers.TrainingArguments`] field, plus the options
+    of Unified Knowledge Distillation (UniKD). The defaults are the best measured so far (see `benchmarks/`).
+
+    Parameters:
+        temperature (`float`, *optional*, defaults to `4.0`):
+            Softmax temperature T of every KL term (T = 1 is used for ImageNet-scale runs).
+        w_logit (`float`, *optional*, defaults to `1.0`):
+            Weight of the logit distillation term `loss_logit`.
+        w_feat (`float`, *optional*, defaults to `1.0`):
+            Weight of the feature-distribution term `loss_feat`, KL(z_s <- z_t).
+        w_supp (`float`, *optional*, defaults to `1.0`):
+            Weight of the supplementary term `loss_supp`, KL(z_s <- s) + KL(z_t <- t).
+        logit_loss (`str`, *optional*, defaults to `"kd"`):
+            `"kd"` (Hinton) or `"dkd"` (Decoupled KD, alpha=1, beta=8, linear warm-up over `dkd_warmup_epochs`).
+        dkd_warmup_epochs (`float`, *optional*, defaults to `20.0`):
+            Epochs over which the DKD term ramps up linearly from 0.
+        feature_kl (`str`, *optional*, defaults to `"sampled"`):
+            `"sampled"`: softmax KL between sampled z_s and z_t; `"gaussian"`: closed-form KL between the two
+            predicted diagonal Gaussians.
+        detach_targets (`bool`, *optional*, defaults to `True`):
+            Stop gradients through the target side of every KL term (z_t in `loss_feat`, s in `loss_supp`).
+        use_fdp (`bool`, *optional*, defaults to `True`):
+            Feature Distribution Prediction. `False` gives plain logit KD (CE + `w_logit` * KD).
+        use_aff (`bool`, *optional*, defaults to `True`):
+            Adaptive Feature Fusion. `False` puts FDP_s on the last student stage instead.
+        aff_channels (`int`, *optional*, defaults to `64`):
+            Fusion width M of the AFF, its main cost; chosen by the accuracy study and the benchmarks.
+        aff_batch_norm (`bool`, *optional*, defaults to `False`):
+            BatchNorm after the AFF's 1x1 convs (ReviewKD's original).
+        student_layers (`list[str]`, *optional*):
+            Student layers to fuse, shallow to deep: indices into the model's feature list (`hidden_states`
+            for transformers models, `forward_intermediates` for timm) or submodule names (tapped with hooks).
+            Default: the last map at each of the 4 deepest resolutions (4 evenly spaced layers for ViTs).
+        teacher_layers (`list[str]`, *optional*):
+            The teacher's candidate layers, in the same form; default chosen by the same rule.
+        teacher_stage (`int`, *optional*, defaults to `-1`):
+            Which of the teacher's layers FDP_t reads: `-1` the last (default), `0` the first.
+        teacher_dtype (`str`, *optional*, defaults to `"auto"`):
+            The teacher's dtype: `"auto"` (bfloat16/float16 when `bf16`/`fp16` is set, else as loaded),
+            `"float32"`, `"bfloat16"` or `"float16"`.
+    """
+
+    temperature: float = field(default=4.0, metadata={"help": "Softmax temperature T of every KL term."})
+    w_logit: float = field(default=1.0, metadata={"help": "Weight of the logit distillation term."})
+    w_feat: float = field(default=1.0, metadata={"help": "Weight of the feature-distribution KL term."})
+    w_supp: float = field(default=1.0, metadata={"help": "Weight of the supplementary KL terms."})
+    logit_loss: str = field(
+        default="kd", metadata={"help": "Logit distillation loss.", "choices": ["kd", "dkd"]}
+    )
+    dkd_warmup_epochs: float = field(
+        default=20.0, metadata={"help": "Epochs over which the DKD term ramps up linearly from 0."}
+    )
+    feature_kl: str = field(
+        default="sampled",
+        metadata={"help": "KL between feature distributions.", "choices": ["sampled", "gaussian"]},
+    )
+    detach_targets: bool = field(
+        default=True, metadata={"help": "Stop gradients through the target side of every KL term."}
+    )
+    use_fdp: bool = field(
+        default=True, metadata={"help": "Feature Distribution Prediction; False gives plain logit KD."}
+    )
+    use_aff: bool = field(
+        default=True, metadata={"help": "Adaptive Feature Fusion; False puts FDP_s on the last student stage."}
+    )
+    aff_channels: int = field(default=64, metadata={"help": "Fusion width M of the AFF (its main cost)."})
+    aff_batch_norm: bool = field(default=False, metadata={"help": "BatchNorm after the AFF's 1x1 convs."})
+    student_layers: list[str] | None = field(
+        default=None,
+        metadata={"help": "Student layers to fuse: feature-list indices or submodule names. Default: automatic."},
+    )
+    teacher_layers: list[str] | None = field(
+        default=None,
+        metadata={"help": "Teacher candidate layers: feature-list indices or submodule names. Default: automatic."},
+    )
+    teacher_stage: int = field(
+        default=-1, metadata={"help": "Which teacher layer FDP_t reads: -1 the last, 0 the first."}
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "Teacher dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]},
+    )
+    # The heads are used in every step, so DDP need not search for unused parameters (it is slow).
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Passed to DistributedDataParallel; UniKD uses every parameter."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logit_loss not in ("kd", "dkd"):
+            raise ValueError(f"logit_loss={self.logit_loss!r}: use 'kd' or 'dkd'")
+        if self.feature_kl not in ("sampled", "gaussian"):
+            raise ValueError(f"feature_kl={self.feature_kl!r}: use 'sampled' or 'gaussian'")
+        if self.teacher_dtype != "auto" and self.teacher_dtype not in _TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use 'auto' or one of {list(_TEACHER_DTYPES)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.aff_channels < 1:
+            raise ValueError(f"aff_channels must be at least 1, got {self.aff_channels}")
+
+    def resolved_teacher_dtype(self, loaded: torch.dtype) -> torch.dtype:
+        """The dtype the teacher runs in, given the dtype it was loaded in."""
+        if self.teacher_dtype != "auto":
+            return _TEACHER_DTYPES[self.teacher_dtype]
+        if self.bf16:
+            return torch.bfloat16
+        if self.fp16:
+            return torch.float16
+        return loaded

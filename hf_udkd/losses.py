@@ -1,0 +1,63 @@
+"""UniKD's loss terms (METHOD.md §4). All inputs are (B, K) logits or Gaussian parameters; all outputs scalars.
+
+Every term is computed in float32 whatever the autocast dtype, since softmax-KL in half precision loses the
+small differences that distillation lives on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(pulled: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KD, ``T^2 * mean_batch KL(softmax(target / T) || softmax(pulled / T))``.
+
+    ``pulled`` is the side that learns, ``target`` the side it is pulled toward.
+    """
+    log_p_pulled = F.log_softmax(pulled.float() / temperature, dim=-1)
+    log_p_target = F.log_softmax(target.float() / temperature, dim=-1)
+    return F.kl_div(log_p_pulled, log_p_target, reduction="batchmean", log_target=True) * temperature**2
+
+
+def dkd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``.
+
+    TCKD distills the binary target-vs-rest split, NCKD the distribution over the non-target classes.
+    """
+    student, teacher = student.float() / temperature, teacher.float() / temperature
+    target_mask = F.one_hot(labels, student.shape[-1]).bool()
+
+    def binary(logits: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(logits, dim=-1)
+        p_target = (p * target_mask).sum(-1, keepdim=True)
+        return torch.cat([p_target, 1.0 - p_target], dim=-1).clamp_min(1e-12)
+
+    p_s, p_t = binary(student), binary(teacher)
+    tckd = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    # Masking the target class with a large negative logit leaves the softmax over the other classes.
+    masked_s = student.masked_fill(target_mask, -1e4)
+    masked_t = teacher.masked_fill(target_mask, -1e4)
+    nckd = F.kl_div(
+        F.log_softmax(masked_s, -1), F.log_softmax(masked_t, -1), reduction="batchmean", log_target=True
+    )
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def gaussian_kl(
+    mu_s: torch.Tensor, log_var_s: torch.Tensor, mu_t: torch.Tensor, log_var_t: torch.Tensor
+) -> torch.Tensor:
+    """Closed-form ``KL(N(mu_s, sigma_s^2) || N(mu_t, sigma_t^2))`` for diagonal Gaussians.
+
+    Summed over the K dimensions, averaged over the batch.
+    """
+    mu_s, log_var_s, mu_t, log_var_t = (x.float() for x in (mu_s, log_var_s, mu_t, log_var_t))
+    kl = 0.5 * (log_var_t - log_var_s) + (log_var_s.exp() + (mu_s - mu_t) ** 2) / (2 * log_var_t.exp()) - 0.5
+    return kl.sum(-1).mean()

@@ -1,0 +1,159 @@
+"""`DistillationModel`: the student and the trainable UniKD heads in one module.
+
+The Trainer trains, wraps (DDP/FSDP/DeepSpeed) and checkpoints this module, so the heads are optimised
+with the student and every head parameter is used inside the wrapped forward. The whole loss is computed
+in `forward`, from the student's own output and the teacher's (logits, pooled tap) passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .config import UDKDTrainingArguments
+from .heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
+from .losses import dkd_loss, gaussian_kl, kd_loss
+from .taps import FeatureTap, StageInfo
+
+LOSS_TERMS = ("loss_ce", "loss_logit", "loss_feat", "loss_supp")
+
+
+@dataclass
+class DistillationOutput(ModelOutput):
+    """``loss`` (the weighted sum), ``logits`` (B, K) of the student and each unweighted term."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    loss_ce: torch.Tensor | None = None
+    loss_logit: torch.Tensor | None = None
+    loss_feat: torch.Tensor | None = None
+    loss_supp: torch.Tensor | None = None
+
+
+class DistillationModel(nn.Module):
+    """Student + AFF + FDP_s + FDP_t. ``forward`` returns the student's logits and the UniKD loss.
+
+    Args:
+        student: the image classifier being trained.
+        student_tap: which student stages to fuse (from :meth:`FeatureTap.from_probe`).
+        teacher_stage: shape of the teacher tap that FDP_t reads and the AFF's output matches; None
+            trains the student alone with cross-entropy (the scratch baseline).
+        args: the method's options.
+    """
+
+    # The loss is a per-batch mean: the Trainer then neither passes num_items_in_batch nor scales the loss
+    # by the number of processes, and divides it by the gradient-accumulation steps itself.
+    accepts_loss_kwargs = False
+    main_input_name = "pixel_values"
+
+    def __init__(
+        self,
+        student: nn.Module,
+        student_tap: FeatureTap,
+        teacher_stage: StageInfo | None,
+        args: UDKDTrainingArguments,
+    ):
+        super().__init__()
+        self.student = student
+        self.student_tap = student_tap
+        self.args = args
+        self.noise = NoiseSource(args.seed)
+        self.fusion: AdaptiveFeatureFusion | None = None
+        self.fdp_student: FeatureDistributionHead | None = None
+        self.fdp_teacher: FeatureDistributionHead | None = None
+        self.uses_teacher = teacher_stage is not None
+        if teacher_stage is None or not args.use_fdp:
+            return
+        num_labels = student_tap.num_labels
+        stages = student_tap.stages
+        if args.use_aff:
+            # The pooled deepest stage is the deepest level of the fusion (METHOD.md §1).
+            in_channels = [s.channels for s in stages] + [stages[-1].channels]
+            self.fusion = AdaptiveFeatureFusion(
+                in_channels,
+                args.aff_channels,
+                teacher_stage.channels,
+                (teacher_stage.height, teacher_stage.width),
+                batch_norm=args.aff_batch_norm,
+            )
+            student_channels = teacher_stage.channels
+        else:
+            student_channels = stages[-1].channels
+        self.fdp_student = FeatureDistributionHead(student_channels, num_labels)
+        self.fdp_teacher = FeatureDistributionHead(teacher_stage.channels, num_labels)
+
+    @property
+    def config(self):
+        """The student's config, for the parts of the Trainer that read ``model.config``."""
+        return self.student.config
+
+    def _student_feature(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        if self.fusion is None:
+            return stages[-1]
+        pooled = stages[-1].mean(dim=(-2, -1), keepdim=True)
+        return self.fusion([*stages, pooled])
+
+    def _sample(self, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+        return self.noise.sample(mu, log_var) if self.training else mu
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
+        logit_weight: float = 1.0,
+    ) -> DistillationOutput:
+        """
+        Args:
+            pixel_values: (B, 3, H, W) student input.
+            labels: (B,) class indices; without them only logits are returned.
+            teacher_logits: (B, K) teacher logits, no gradient.
+            teacher_features: (B, C_T) pooled teacher tap, no gradient.
+            logit_weight: a schedule factor on ``loss_logit`` (DKD's warm-up).
+        """
+        args = self.args
+        needs_stages = self.fdp_student is not None and labels is not None
+        if needs_stages:
+            tapped = self.student_tap(self.student, pixel_values)
+            logits, stages = tapped.logits, tapped.stages
+        else:
+            output = self.student(pixel_values)
+            logits = output if isinstance(output, torch.Tensor) else output.logits
+        if labels is None:
+            return DistillationOutput(logits=logits)
+
+        loss_ce = F.cross_entropy(logits.float(), labels)
+        if not self.uses_teacher:
+            return DistillationOutput(loss=loss_ce, logits=logits, loss_ce=loss_ce)
+        if teacher_logits is None:
+            raise ValueError("the distiller needs teacher_logits with labels; UDKDTrainer passes them")
+
+        if args.logit_loss == "dkd":
+            loss_logit = logit_weight * dkd_loss(logits, teacher_logits, labels, args.temperature)
+        else:
+            loss_logit = kd_loss(logits, teacher_logits, args.temperature)
+        loss = loss_ce + args.w_logit * loss_logit
+        if self.fdp_student is None:
+            return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce, loss_logit=loss_logit)
+
+        mu_s, log_var_s = self.fdp_student(self._student_feature(stages))
+        mu_t, log_var_t = self.fdp_teacher(teacher_features)
+        z_s, z_t = self._sample(mu_s, log_var_s), self._sample(mu_t, log_var_t)
+
+        def target(x: torch.Tensor) -> torch.Tensor:
+            return x.detach() if args.detach_targets else x
+
+        if args.feature_kl == "gaussian":
+            loss_feat = gaussian_kl(mu_s, log_var_s, target(mu_t), target(log_var_t))
+        else:
+            loss_feat = kd_loss(z_s, target(z_t), args.temperature)
+        loss_supp = kd_loss(z_s, target(logits), args.temperature) + kd_loss(z_t, teacher_logits, args.temperature)
+        loss = loss + args.w_feat * loss_feat + args.w_supp * loss_supp
+        return DistillationOutput(
+            loss=loss, logits=logits, loss_ce=loss_ce, loss_logit=loss_logit, loss_feat=loss_feat, loss_supp=loss_supp
+        )

@@ -1,0 +1,289 @@
+"""Feature taps: turn any supported image classifier into logits plus a list of stage maps.
+
+Every model, whatever its family, is reduced to ``(logits (B, K), [stage maps (B, C, H, W), ...])``,
+shallow to deep. The families and where their maps come from:
+
+- transformers CNNs (ResNet, ConvNeXt, RegNet, ...): ``hidden_states`` (4-D), the first entry being the
+  stem/embedding output, which is never a stage;
+- transformers ViT / DeiT / BEiT-like: ``hidden_states`` are token sequences (B, P + N, D); the P prefix
+  tokens are dropped and the N patch tokens reshaped to (B, D, h, w);
+- transformers Swin and other hierarchical transformers: ``reshaped_hidden_states``;
+- timm models, raw or inside transformers' ``TimmWrapperForImageClassification``: ``forward_intermediates``;
+- anything else: the outputs of submodules named by the user, captured with forward hooks.
+
+The default choice of stages is one rule for all families: for a hierarchical model the last map at each
+of the deepest ``num_stages`` resolutions, for an isotropic one (ViT) ``num_stages`` evenly spaced
+layers, the last one included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+try:
+    from transformers import TimmWrapperForImageClassification
+except ImportError:  # older transformers without the timm wrapper
+    TimmWrapperForImageClassification = None
+
+KNOWN_FAMILIES = (
+    "transformers models that return hidden_states (ResNet, ConvNeXt, RegNet, ViT, DeiT, BEiT, Swin, ...)",
+    "timm models with forward_intermediates, raw or through TimmWrapperForImageClassification",
+)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What one tapped stage looks like, for an input of the probed size.
+
+    Attributes:
+        layer: where the map comes from: an index into the model's own feature list (``hidden_states`` for
+            transformers models, ``forward_intermediates`` indices for timm) or a submodule name.
+        channels: C of the (B, C, H, W) map.
+        height: H of the map.
+        width: W of the map.
+        reduction: input height divided by H (the stage's stride).
+    """
+
+    layer: int | str
+    channels: int
+    height: int
+    width: int
+    reduction: int
+
+
+@dataclass
+class TapOutput:
+    """Logits (B, K) and the tapped stage maps, each (B, C, H, W), shallow to deep."""
+
+    logits: torch.Tensor
+    stages: list[torch.Tensor]
+
+
+def _parse_layers(layers: Sequence[int | str] | None) -> list[int | str] | None:
+    """Layer names from the command line arrive as strings: digits mean an index, anything else a module."""
+    if layers is None:
+        return None
+    parsed: list[int | str] = []
+    for layer in layers:
+        if isinstance(layer, str) and layer.lstrip("-").isdigit():
+            parsed.append(int(layer))
+        else:
+            parsed.append(layer)
+    return parsed
+
+
+def _tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    """(B, P + N, D) tokens -> (B, D, h, w) patch map, dropping the P prefix tokens (CLS, distillation)."""
+    batch, length, dim = tokens.shape
+    if grid is None:
+        # No patch size known: the patch grid is the largest square that leaves at most 2 prefix tokens.
+        for prefix in range(0, 3):
+            side = math.isqrt(length - prefix)
+            if side * side == length - prefix:
+                grid = (side, side)
+                break
+        else:
+            raise ValueError(
+                f"cannot reshape {length} tokens into a square patch grid; name 4-D layers by hand instead"
+            )
+    h, w = grid
+    prefix = length - h * w
+    if prefix < 0:
+        raise ValueError(f"{length} tokens are fewer than the {h}x{w} patch grid of the input")
+    return tokens[:, prefix:].transpose(1, 2).reshape(batch, dim, h, w)
+
+
+def _as_map(feature: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    if feature.dim() == 4:
+        return feature
+    if feature.dim() == 3:
+        return _tokens_to_map(feature, grid)
+    raise ValueError(f"a tapped feature has shape {tuple(feature.shape)}; expected (B, C, H, W) or (B, N, D)")
+
+
+def _patch_grid(model: nn.Module, pixel_values: torch.Tensor) -> tuple[int, int] | None:
+    patch = getattr(getattr(model, "config", None), "patch_size", None)
+    if patch is None:
+        return None
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
+
+
+def _timm_module(model: nn.Module) -> nn.Module | None:
+    """The timm model inside ``model``, or None if ``model`` is not a timm model."""
+    if TimmWrapperForImageClassification is not None and isinstance(model, TimmWrapperForImageClassification):
+        return model.timm_model
+    if not isinstance(model, PreTrainedModel) and hasattr(model, "forward_intermediates"):
+        return model
+    return None
+
+
+def model_family(model: nn.Module) -> str:
+    """'timm', 'transformers' or 'hooks' (a module whose layers must be named by hand)."""
+    if _timm_module(model) is not None:
+        return "timm"
+    if isinstance(model, PreTrainedModel):
+        return "transformers"
+    return "hooks"
+
+
+@contextmanager
+def _capture(model: nn.Module, names: Sequence[str]):
+    """Collect the outputs of the named submodules during one forward."""
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} has no submodule named {missing}; names look like "
+            f"{[n for n, _ in model.named_children()][:8]}"
+        )
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def store(_module, _inputs, output):
+            captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return store
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _logits(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        raise ValueError("the model's output has no logits; the model must be an image classifier")
+    return logits
+
+
+def run_model(model: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int | str] | None) -> TapOutput:
+    """Run ``model`` once and return its logits and the maps of ``layers`` (all candidates when None).
+
+    ``layers`` are indices into the model's feature list (``hidden_states`` for transformers models,
+    ``forward_intermediates`` indices for timm) or submodule names (any model, through forward hooks).
+    """
+    name = type(model).__name__
+    if layers is not None and any(isinstance(layer, str) for layer in layers):
+        if not all(isinstance(layer, str) for layer in layers):
+            raise ValueError(f"layers {list(layers)} mix indices and module names; use one kind")
+        with _capture(model, layers) as captured:
+            logits = _logits(model(pixel_values))
+        grid = _patch_grid(model, pixel_values)
+        return TapOutput(logits, [_as_map(captured[layer], grid) for layer in layers])
+
+    timm_model = _timm_module(model)
+    if timm_model is not None:
+        final, intermediates = timm_model.forward_intermediates(pixel_values, indices=layers)
+        return TapOutput(timm_model.forward_head(final), list(intermediates))
+
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"the feature taps do not know {name}. Known: {'; '.join(KNOWN_FAMILIES)}. For any other "
+            "module, name the layers to tap by hand (student_layers=['layer1', 'layer2', ...], submodule "
+            "names from model.named_modules()); they are captured with forward hooks."
+        )
+    output = model(pixel_values=pixel_values, output_hidden_states=True)
+    hidden = getattr(output, "reshaped_hidden_states", None) or getattr(output, "hidden_states", None)
+    if not hidden:
+        raise ValueError(
+            f"{name} returned no hidden_states with output_hidden_states=True, so its stages cannot be "
+            "tapped. Name the layers to tap by hand (student_layers / teacher_layers = submodule names "
+            "from model.named_modules())."
+        )
+    grid = _patch_grid(model, pixel_values)
+    picked = hidden if layers is None else [hidden[i] for i in layers]
+    return TapOutput(output.logits, [_as_map(h, grid) for h in picked])
+
+
+def default_layers(model: nn.Module, candidates: list[torch.Tensor], num_stages: int = 4) -> list[int]:
+    """Indices of the default stages among all candidate maps of ``model`` (METHOD.md §1).
+
+    Hierarchical models: the last map at each of the deepest ``num_stages`` resolutions. Isotropic models
+    (every map at one resolution, e.g. ViT): ``num_stages`` evenly spaced maps, the last one included.
+    transformers' first hidden state is the embedding/stem output and never a stage.
+    """
+    first = 1 if model_family(model) == "transformers" else 0
+    indices = list(range(first, len(candidates)))
+    if not indices:
+        raise ValueError(f"{type(model).__name__} exposes no stage after its embedding output")
+    sizes = [tuple(candidates[i].shape[-2:]) for i in indices]
+    if len(set(sizes)) > 1:
+        last_at_size: dict[tuple[int, int], int] = {}
+        for index, size in zip(indices, sizes, strict=True):
+            last_at_size[size] = index
+        return sorted(last_at_size.values())[-num_stages:]
+    count = min(num_stages, len(indices))
+    return [indices[(k + 1) * len(indices) // count - 1] for k in range(count)]
+
+
+class FeatureTap:
+    """Knows which stages of one model to tap, and their shapes.
+
+    Build it with :meth:`from_probe`, which runs the model once on a real batch to learn the shapes (and
+    picks the default stages when ``layers`` is None); then ``tap(model, pixel_values)`` returns a
+    :class:`TapOutput` with exactly those stages.
+    """
+
+    def __init__(self, layers: list[int | str], stages: list[StageInfo], num_labels: int):
+        self.layers = layers
+        self.stages = stages
+        self.num_labels = num_labels
+
+    @classmethod
+    @torch.no_grad()
+    def from_probe(
+        cls, model: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int | str] | None = None
+    ) -> FeatureTap:
+        name = type(model).__name__
+        layers = _parse_layers(layers)
+        was_training = model.training
+        model.eval()
+        try:
+            probe = run_model(model, pixel_values, layers)
+        except (RuntimeError, ValueError, AssertionError) as error:
+            size = "x".join(map(str, pixel_values.shape[-2:]))
+            raise ValueError(
+                f"probing {name} on a {size} input failed: {error}. Check that the image size matches the "
+                "model (its image processor's size, or its config.image_size for ViT-like models) and is at "
+                "least the model's total stride."
+            ) from error
+        finally:
+            model.train(was_training)
+        if layers is None:
+            layers = default_layers(model, probe.stages)
+            stages = [probe.stages[i] for i in layers]
+        else:
+            stages = probe.stages
+        height = pixel_values.shape[-2]
+        infos = [
+            StageInfo(layer, s.shape[1], s.shape[2], s.shape[3], max(1, round(height / s.shape[2])))
+            for layer, s in zip(layers, stages, strict=True)
+        ]
+        collapsed = [info for info in infos if info.height == 1 and info.width == 1]
+        if len(collapsed) > 1 and len({i.reduction for i in infos}) > 1:
+            raise ValueError(
+                f"the {pixel_values.shape[-2]}x{pixel_values.shape[-1]} input is smaller than {name}'s total "
+                f"stride: stages {[i.layer for i in collapsed]} are all 1x1. Use larger images (resize in the "
+                "transform) or tap shallower layers."
+            )
+        return cls(list(layers), infos, probe.logits.shape[-1])
+
+    def __call__(self, model: nn.Module, pixel_values: torch.Tensor) -> TapOutput:
+        return run_model(model, pixel_values, self.layers)
+
+    def describe(self) -> str:
+        """One line per stage, for the log at start."""
+        return ", ".join(f"{s.layer}: {s.channels}x{s.height}x{s.width} (/{s.reduction})" for s in self.stages)

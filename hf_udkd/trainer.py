@@ -1,0 +1,384 @@
+"""`UDKDTrainer`: UniKD distillation inside `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    set_seed,
+)
+from transformers.trainer_utils import EvalPrediction, load_sharded_checkpoint
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+
+from .config import UDKDTrainingArguments
+from .modeling import LOSS_TERMS, DistillationModel
+from .taps import FeatureTap
+
+logger = logging.get_logger(__name__)
+
+HEADS_NAME = "udkd_heads.safetensors"
+NOISE_STATE_NAME = "udkd_noise_{process}.safetensors"
+TEACHER_INPUT = "teacher_pixel_values"
+
+
+def _load(model: str | nn.Module, role: str) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    logger.info(f"Loading the {role} from {model}")
+    return AutoModelForImageClassification.from_pretrained(model, use_safetensors=True)
+
+
+def _label_names(model: nn.Module) -> list[str] | None:
+    """Class names in index order, or None where the config only has transformers' LABEL_i placeholders."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not id2label:
+        return None
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    if names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
+
+
+def _check_same_labels(student: nn.Module, teacher: nn.Module, student_k: int, teacher_k: int) -> None:
+    if student_k != teacher_k:
+        raise ValueError(
+            f"the teacher has {teacher_k} labels and the student {student_k}: distillation needs one label set "
+            "in one order. Load the student with the teacher's labels, e.g. from_pretrained(..., "
+            "num_labels=teacher.config.num_labels, id2label=teacher.config.id2label, "
+            "label2id=teacher.config.label2id, ignore_mismatched_sizes=True)."
+        )
+    student_names, teacher_names = _label_names(student), _label_names(teacher)
+    if student_names is not None and teacher_names is not None and student_names != teacher_names:
+        diff = [(i, s, t) for i, (s, t) in enumerate(zip(student_names, teacher_names, strict=True)) if s != t]
+        raise ValueError(
+            f"the teacher's and the student's id2label differ at (index, student, teacher) {diff[:5]}: the "
+            "logits would be compared class against a different class. Give the student the teacher's "
+            "id2label/label2id (or re-map the dataset labels) before distilling."
+        )
+
+
+def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
+    """Two examples of ``dataset`` as tensors, to learn the models' shapes before training."""
+    if dataset is None:
+        raise ValueError(
+            "UDKDTrainer needs a train_dataset or eval_dataset to learn the feature shapes of the models"
+        )
+    if isinstance(dataset, dict):
+        dataset = next(iter(dataset.values()))
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        iterator = iter(dataset)
+        examples = [next(iterator), next(iterator)]
+    else:
+        examples = [dataset[i] for i in range(min(2, len(dataset)))]
+    if "pixel_values" not in examples[0]:
+        raise ValueError(
+            f"the {role} examples have no 'pixel_values' (they have {sorted(examples[0])}). Turn images into "
+            "pixel_values with the image processor in a transform (dataset.with_transform), as for "
+            "transformers' image classification."
+        )
+    keys = ["pixel_values"] + ([TEACHER_INPUT] if TEACHER_INPUT in examples[0] else [])
+    return {key: torch.stack([torch.as_tensor(ex[key]) for ex in examples]) for key in keys}
+
+
+class UDKDTrainer(Trainer):
+    r"""
+    Trainer for Unified Knowledge Distillation (UniKD, Huang et al., ECCV 2024) of image classifiers.
+
+    The student and the trainable heads (Adaptive Feature Fusion, the two Feature Distribution Prediction
+    heads) are held in one [`DistillationModel`], which the Trainer optimises, wraps for DDP/FSDP/DeepSpeed and
+    checkpoints. The teacher is frozen and prepared by the accelerator for evaluation only. `save_model()`
+    writes the student alone, in standard format; checkpoints also hold the heads.
+
+    Args:
+        model (`PreTrainedModel`, `nn.Module` or `str`):
+            The student: a transformers image classifier, a timm model, or an id/path loaded with
+            `AutoModelForImageClassification`.
+        teacher_model (`PreTrainedModel`, `nn.Module`, `str` or `None`):
+            The teacher, in the same forms, with the same labels as the student. `None` trains the student
+            alone with cross-entropy (the scratch baseline).
+        args ([`UDKDTrainingArguments`], *optional*):
+            Training and distillation options.
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
+        optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
+            As for [`~transformers.Trainer`]. Examples must hold `pixel_values` and `labels`; an optional
+            `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
+    """
+
+    _tag_names = ["hf_udkd", "knowledge-distillation", "unikd", "image-classification"]
+    # DistillationModel returns a per-batch mean, so the Trainer divides by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: UDKDTrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        if args is None:
+            args = UDKDTrainingArguments(output_dir="tmp_trainer")
+        elif not isinstance(args, UDKDTrainingArguments):
+            raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
+        student = _load(model, "student")
+        teacher = _load(teacher_model, "teacher") if teacher_model is not None else None
+
+        probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
+        student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
+        teacher_tap = None
+        if teacher is not None:
+            teacher_probe = probe.get(TEACHER_INPUT, probe["pixel_values"])
+            teacher_tap = FeatureTap.from_probe(teacher, teacher_probe, args.teacher_layers)
+            _check_same_labels(student, teacher, student_tap.num_labels, teacher_tap.num_labels)
+            try:
+                teacher_stage = teacher_tap.stages[args.teacher_stage]
+            except IndexError:
+                raise ValueError(
+                    f"teacher_stage={args.teacher_stage} but the teacher has {len(teacher_tap.stages)} tapped "
+                    f"layers ({teacher_tap.describe()})"
+                ) from None
+            # Only the chosen stage is read from the teacher at train time.
+            teacher_tap = FeatureTap([teacher_stage.layer], [teacher_stage], teacher_tap.num_labels)
+        # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
+        set_seed(args.seed)
+        distiller = DistillationModel(student, student_tap, teacher_tap.stages[0] if teacher_tap else None, args)
+
+        super().__init__(
+            model=distiller,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        # Each process draws its own FDP noise.
+        distiller.noise.seed = args.seed + args.process_index
+        self.teacher_tap = teacher_tap
+        self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
+        self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._checked_finite = False
+        self._saving_checkpoint = False
+
+        logger.info(f"UniKD student stages: {student_tap.describe()}")
+        if teacher_tap is not None:
+            logger.info(f"UniKD teacher tap (FDP_t): {teacher_tap.describe()}")
+
+    # ---- teacher -------------------------------------------------------------------------------------------
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        loaded_dtype = next(teacher.parameters()).dtype
+        teacher.eval().requires_grad_(False)
+        teacher.to(self.args.resolved_teacher_dtype(loaded_dtype))
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _teacher_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits (B, K) and pooled tap (B, C_T), float32, as normal (not inference) tensors."""
+        dtype = next(self.teacher_model.parameters()).dtype
+        with torch.inference_mode(), self.accelerator.autocast():
+            tapped = self.teacher_tap(self.teacher_model, pixel_values.to(dtype))
+            logits, pooled = tapped.logits, tapped.stages[0].mean(dim=(-2, -1))
+        # Tensors made in inference mode cannot be saved for backward, and FDP_t learns on `pooled`.
+        return logits.float().clone(), pooled.float().clone()
+
+    # ---- loss ----------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if TEACHER_INPUT not in self._signature_columns:
+            self._signature_columns.append(TEACHER_INPUT)
+
+    def _logit_weight(self) -> float:
+        if self.args.logit_loss != "dkd" or self.args.dkd_warmup_epochs <= 0:
+            return 1.0
+        return min(1.0, (self.state.epoch or 0.0) / self.args.dkd_warmup_epochs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """The UniKD loss of one batch, a per-batch mean.
+
+        ``num_items_in_batch`` is accepted for the Trainer's interface and not needed: every term is a mean
+        over the images of the batch, and DDP averages gradients over processes, so the loss and the update
+        are the same in one process and in several (see tests/test_multiprocess.py).
+        """
+        pixel_values = inputs["pixel_values"]
+        labels = inputs.get("labels")
+        teacher_input = inputs.get(TEACHER_INPUT, pixel_values)
+        extra = {}
+        if self.teacher_model is not None and labels is not None:
+            teacher_logits, teacher_features = self._teacher_outputs(teacher_input)
+            extra = {
+                "teacher_logits": teacher_logits,
+                "teacher_features": teacher_features,
+                "logit_weight": self._logit_weight(),
+            }
+        outputs = model(pixel_values=pixel_values, labels=labels, **extra)
+        if outputs.loss is not None:
+            self._accumulate_terms(outputs, pixel_values.shape[0], "train" if model.training else "eval")
+        if return_outputs:
+            # Only the logits: the Trainer hands every other output to compute_metrics as predictions.
+            return outputs.loss, {"logits": outputs.logits}
+        return outputs.loss
+
+    # ---- logging of the loss terms -------------------------------------------------------------------------
+
+    def _accumulate_terms(self, outputs, batch_size: int, split: str) -> None:
+        """Sum each term on the device; no host sync here, the reduction happens at logging steps only."""
+        sums = self._term_sums.setdefault(split, {})
+        for name in LOSS_TERMS:
+            value = getattr(outputs, name)
+            if value is not None:
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * batch_size
+        sums["count"] = sums.get("count", 0) + batch_size
+        if split == "train" and not self._checked_finite:
+            # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
+            self._checked_finite = True
+            self._raise_if_not_finite({k: v for k, v in sums.items() if k != "count"}, "the first step")
+
+    @staticmethod
+    def _raise_if_not_finite(values: dict[str, torch.Tensor], when: str) -> None:
+        bad = [name for name, value in values.items() if not torch.isfinite(torch.as_tensor(value)).all()]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite UniKD loss term(s) {bad} in {when}. Lower the learning rate, check the inputs, "
+                "or use bf16 instead of fp16; a term going bad alone points at its weight (w_logit, w_feat, "
+                "w_supp) or at the teacher."
+            )
+
+    def _reduce_terms(self, split: str) -> dict[str, float]:
+        """Mean of each term since the last reduction, over all processes; clears the sums."""
+        sums = self._term_sums.pop(split, None)
+        if not sums:
+            return {}
+        names = [name for name in LOSS_TERMS if name in sums]
+        device = self.args.device
+        local = torch.stack([torch.as_tensor(sums[n], device=device, dtype=torch.float32) for n in names])
+        count = torch.tensor([float(sums["count"])], device=device)
+        total = self.accelerator.reduce(torch.cat([local, count]), reduction="sum")
+        means = {name: total[i] / total[-1] for i, name in enumerate(names)}
+        self._raise_if_not_finite(means, f"the {split} steps up to global step {self.state.global_step}")
+        return {name: round(value.item(), 4) for name, value in means.items()}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._reduce_terms("train"))
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._term_sums.pop("eval", None)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        for name, value in self._reduce_terms("eval").items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
+
+    # ---- saving and loading --------------------------------------------------------------------------------
+
+    @property
+    def student(self) -> nn.Module:
+        """The student being trained (unwrapped)."""
+        return self.accelerator.unwrap_model(self.model).student
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the student alone in standard format; in checkpoints, the heads beside it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        prefix = "student."
+        student_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        head_state = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith(prefix)}
+        student = self.student
+        if isinstance(student, PreTrainedModel):
+            student.save_pretrained(output_dir, state_dict=student_state)
+        else:
+            save_file({k: v.contiguous() for k, v in student_state.items()},
+                      os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        if self._saving_checkpoint and head_state:
+            save_file(head_state, os.path.join(output_dir, HEADS_NAME), metadata={"format": "pt"})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_student_and_heads(self, checkpoint: str, model: nn.Module) -> None:
+        distiller = self.accelerator.unwrap_model(model)
+        if os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)):
+            result = distiller.student.load_state_dict(load_file(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)),
+                                                       strict=False)
+            self._issue_warnings_after_load(result)
+        elif os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)):
+            load_sharded_checkpoint(distiller.student, checkpoint, strict=False)
+        else:
+            raise ValueError(f"no {SAFE_WEIGHTS_NAME} in {checkpoint}: not a checkpoint written by UDKDTrainer")
+        heads_file = os.path.join(checkpoint, HEADS_NAME)
+        has_heads = any(not k.startswith("student.") for k in distiller.state_dict())
+        if os.path.isfile(heads_file):
+            result = distiller.load_state_dict(load_file(heads_file), strict=False)
+            if result.unexpected_keys:
+                raise ValueError(
+                    f"{heads_file} holds heads of another configuration ({result.unexpected_keys[:3]}...): "
+                    "resume with the same distillation options"
+                )
+        elif has_heads:
+            logger.warning(f"{checkpoint} has no {HEADS_NAME}: the UniKD heads start from scratch")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_student_and_heads(resume_from_checkpoint, model if model is not None else self.model)
+
+    def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint}")
+        self._load_student_and_heads(self.state.best_model_checkpoint, self.model)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = self.accelerator.unwrap_model(self.model).noise.get_state()
+        if state is not None:
+            name = NOISE_STATE_NAME.format(process=self.args.process_index)
+            save_file({"state": state.cpu()}, os.path.join(output_dir, name))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, NOISE_STATE_NAME.format(process=self.args.process_index))
+        if os.path.isfile(path):
+            self.accelerator.unwrap_model(self.model).noise.set_state(load_file(path)["state"])
