@@ -229,6 +229,18 @@ def default_layers(model: nn.Module, candidates: list[torch.Tensor], num_stages:
     return [indices[(k + 1) * len(indices) // count - 1] for k in range(count)]
 
 
+def _nominal_reductions(
+    model: nn.Module, pixel_values: torch.Tensor, layers: list[int | str], size: int = 256
+) -> list[int] | None:
+    """Each layer's stride, read on a large input; None for models that take one input size only (ViT)."""
+    large = torch.zeros(1, pixel_values.shape[1], size, size, dtype=pixel_values.dtype, device=pixel_values.device)
+    try:
+        maps = run_model(model, large, layers).stages
+    except (RuntimeError, ValueError, AssertionError):
+        return None
+    return [max(1, round(size / m.shape[-2])) for m in maps]
+
+
 class FeatureTap:
     """Knows which stages of one model to tap, and their shapes.
 
@@ -247,38 +259,45 @@ class FeatureTap:
     def from_probe(
         cls, model: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int | str] | None = None
     ) -> FeatureTap:
-        name = type(model).__name__
-        layers = _parse_layers(layers)
+        """Run ``model`` (in eval mode, so no BatchNorm statistics move) on ``pixel_values`` (B, 3, H, W)."""
         was_training = model.training
         model.eval()
         try:
-            probe = run_model(model, pixel_values, layers)
-        except (RuntimeError, ValueError, AssertionError) as error:
-            size = "x".join(map(str, pixel_values.shape[-2:]))
-            raise ValueError(
-                f"probing {name} on a {size} input failed: {error}. Check that the image size matches the "
-                "model (its image processor's size, or its config.image_size for ViT-like models) and is at "
-                "least the model's total stride."
-            ) from error
+            return cls._probe(model, pixel_values, _parse_layers(layers))
         finally:
             model.train(was_training)
+
+    @classmethod
+    def _probe(cls, model: nn.Module, pixel_values: torch.Tensor, layers: list[int | str] | None) -> FeatureTap:
+        name = type(model).__name__
+        height, width = pixel_values.shape[-2:]
+        try:
+            probe = run_model(model, pixel_values, layers)
+        except (RuntimeError, ValueError, AssertionError) as error:
+            raise ValueError(
+                f"probing {name} on a {height}x{width} input failed: {error}. Check that the image size matches "
+                "the model (its image processor's size, or its config.image_size for ViT-like models) and is at "
+                "least the model's total stride."
+            ) from error
         if layers is None:
             layers = default_layers(model, probe.stages)
             stages = [probe.stages[i] for i in layers]
         else:
             stages = probe.stages
-        height = pixel_values.shape[-2]
+        reductions = [max(1, round(height / s.shape[2])) for s in stages]
+        if stages[-1].shape[-2:] == (1, 1):
+            # A 1x1 deepest map may hide stages that had nothing left to reduce: measure the real strides.
+            reductions = _nominal_reductions(model, pixel_values, layers) or reductions
+            if min(height, width) < reductions[-1]:
+                raise ValueError(
+                    f"the {height}x{width} input is smaller than {name}'s total stride ({reductions[-1]}): its "
+                    "deepest stages collapse to 1x1. Use larger images (resize in the transform) or tap "
+                    "shallower layers."
+                )
         infos = [
-            StageInfo(layer, s.shape[1], s.shape[2], s.shape[3], max(1, round(height / s.shape[2])))
-            for layer, s in zip(layers, stages, strict=True)
+            StageInfo(layer, s.shape[1], s.shape[2], s.shape[3], reduction)
+            for layer, s, reduction in zip(layers, stages, reductions, strict=True)
         ]
-        collapsed = [info for info in infos if info.height == 1 and info.width == 1]
-        if len(collapsed) > 1 and len({i.reduction for i in infos}) > 1:
-            raise ValueError(
-                f"the {pixel_values.shape[-2]}x{pixel_values.shape[-1]} input is smaller than {name}'s total "
-                f"stride: stages {[i.layer for i in collapsed]} are all 1x1. Use larger images (resize in the "
-                "transform) or tap shallower layers."
-            )
         return cls(list(layers), infos, probe.logits.shape[-1])
 
     def __call__(self, model: nn.Module, pixel_values: torch.Tensor) -> TapOutput:
