@@ -53,6 +53,13 @@ class UDKDTrainingArguments(TrainingArguments):
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             The teacher's dtype: `"auto"` (bfloat16/float16 when `bf16`/`fp16` is set, else as loaded),
             `"float32"`, `"bfloat16"` or `"float16"`.
+        teacher_cache (`bool`, *optional*, defaults to `False`):
+            Store the teacher's outputs (logits and pooled tap, `examples x (C_T + K)` float32 numbers) the first
+            time each training example is seen and skip the teacher afterwards. Only valid with a deterministic
+            training transform (checked at start). Evaluation always runs the teacher.
+        teacher_cache_dir (`str`, *optional*):
+            Where the teacher cache lives: `None` in memory, else memory-mapped files in this directory (one
+            subdirectory per process, rewritten at every start).
     """
 
     temperature: float = field(default=4.0, metadata={"help": "Softmax temperature T of every KL term."})
@@ -95,6 +102,13 @@ class UDKDTrainingArguments(TrainingArguments):
         default="auto",
         metadata={"help": "Teacher dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]},
     )
+    teacher_cache: bool = field(
+        default=False,
+        metadata={"help": "Cache the teacher's outputs per training example (deterministic transforms only)."},
+    )
+    teacher_cache_dir: str | None = field(
+        default=None, metadata={"help": "Directory of the teacher cache; None keeps it in memory."}
+    )
     # The heads are used in every step, so DDP need not search for unused parameters (it is slow).
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "Passed to DistributedDataParallel; UniKD uses every parameter."}
@@ -112,6 +126,8 @@ class UDKDTrainingArguments(TrainingArguments):
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.aff_channels < 1:
             raise ValueError(f"aff_channels must be at least 1, got {self.aff_channels}")
+        if self.teacher_cache_dir is not None and not self.teacher_cache:
+            raise ValueError("teacher_cache_dir is set but teacher_cache is False: set teacher_cache=True to use it")
 
     def resolved_teacher_dtype(self, loaded: torch.dtype) -> torch.dtype:
         """The dtype the teacher runs in, given the dtype it was loaded in."""

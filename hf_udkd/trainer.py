@@ -22,6 +22,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 from .config import UDKDTrainingArguments
 from .modeling import LOSS_TERMS, DistillationModel
 from .taps import FeatureTap
+from .teacher_cache import INDEX_KEY, IndexedCollator, IndexedDataset, TeacherCache, build_teacher_cache
 
 logger = logging.get_logger(__name__)
 
@@ -179,6 +180,14 @@ class UDKDTrainer(Trainer):
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
         self._checked_finite = False
         self._saving_checkpoint = False
+        self.teacher_cache: TeacherCache | None = None
+        if args.teacher_cache:
+            if teacher_tap is None:
+                raise ValueError("teacher_cache=True caches a teacher's outputs, but no teacher_model was given")
+            self.teacher_cache = build_teacher_cache(
+                train_dataset, teacher_tap.stages[0].channels, teacher_tap.num_labels, args.teacher_cache_dir,
+                args.process_index,
+            )
 
         logger.info(f"UniKD student stages: {student_tap.describe()}")
         if teacher_tap is not None:
@@ -205,8 +214,31 @@ class UDKDTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if TEACHER_INPUT not in self._signature_columns:
-            self._signature_columns.append(TEACHER_INPUT)
+        for key in (TEACHER_INPUT, INDEX_KEY):
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
+
+    def get_train_dataloader(self):
+        """With the teacher cache, training examples carry their index (``udkd_index``), the cache's key."""
+        if self.teacher_cache is None:
+            return super().get_train_dataloader()
+        dataset, collator = self.train_dataset, self.data_collator
+        self.train_dataset, self.data_collator = IndexedDataset(dataset), IndexedCollator(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator = dataset, collator
+
+    def _teacher_outputs_for(self, inputs: dict[str, Any], teacher_input: torch.Tensor, training: bool):
+        """Teacher logits (B, K) and pooled tap (B, C_T): from the cache in training when it has them."""
+        indices = inputs.get(INDEX_KEY)
+        if self.teacher_cache is None or not training or indices is None:
+            return self._teacher_outputs(teacher_input)
+
+        def compute(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._teacher_outputs(teacher_input if rows is None else teacher_input[rows])
+
+        return self.teacher_cache.fetch(indices, compute, teacher_input.device)
 
     def _logit_weight(self) -> float:
         if self.args.logit_loss != "dkd" or self.args.dkd_warmup_epochs <= 0:
@@ -231,7 +263,7 @@ class UDKDTrainer(Trainer):
         teacher_input = inputs.get(TEACHER_INPUT, pixel_values)
         extra = {}
         if self.teacher_model is not None and labels is not None:
-            teacher_logits, teacher_features = self._teacher_outputs(teacher_input)
+            teacher_logits, teacher_features = self._teacher_outputs_for(inputs, teacher_input, model.training)
             extra = {
                 "teacher_logits": teacher_logits,
                 "teacher_features": teacher_features,
