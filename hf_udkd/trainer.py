@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -18,7 +19,9 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction, load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+from transformers.utils.hub import hf_api
 
+from . import model_card
 from .config import UDKDTrainingArguments
 from .modeling import LOSS_TERMS, DistillationModel
 from .taps import FeatureTap
@@ -414,3 +417,186 @@ class UDKDTrainer(Trainer):
         path = os.path.join(checkpoint, NOISE_STATE_NAME.format(process=self.args.process_index))
         if os.path.isfile(path):
             self.accelerator.unwrap_model(self.model).noise.set_state(load_file(path)["state"])
+
+    # ---- model card and Hub --------------------------------------------------------------------------------
+
+    def evaluate_teacher(self, eval_dataset=None, metric_key_prefix: str = "teacher_eval") -> dict[str, float]:
+        """Score the frozen teacher on the student's evaluation data with the same ``compute_metrics``.
+
+        The metrics (e.g. ``{"teacher_eval_accuracy": 0.97}``) are logged, so they land in ``state.log_history``
+        and in the model card beside the student's. Call it on every process, like ``evaluate``.
+        """
+        if self.teacher_model is None:
+            raise ValueError("evaluate_teacher() needs a teacher_model; this trainer trains the student alone")
+        if self.compute_metrics is None:
+            raise ValueError(
+                "evaluate_teacher() scores the teacher with compute_metrics: pass one to UDKDTrainer "
+                "(e.g. hf_udkd.metrics' accuracy)"
+            )
+        all_logits, all_labels = [], []
+        for inputs in self.get_eval_dataloader(eval_dataset):
+            inputs = self._prepare_inputs(inputs)
+            logits, _ = self._teacher_outputs(inputs.get(TEACHER_INPUT, inputs["pixel_values"]))
+            labels = inputs["labels"]
+            if self.preprocess_logits_for_metrics is not None:
+                logits = self.preprocess_logits_for_metrics(logits, labels)
+            logits, labels = self.accelerator.gather_for_metrics((logits, labels))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+        prediction = EvalPrediction(predictions=torch.cat(all_logits).numpy(), label_ids=torch.cat(all_labels).numpy())
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in self.compute_metrics(prediction).items()}
+        self.log(metrics)
+        return metrics
+
+    def _default_model_name(self) -> str:
+        if self.args.hub_model_id is not None:
+            return self.args.hub_model_id.split("/")[-1]
+        return os.path.basename(os.path.abspath(self.args.output_dir))
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | None = None,
+        dataset_split: str | None = None,
+        teacher_name: str | None = None,
+        template_path: str | None = None,
+    ) -> None:
+        """Write the student's model card (``README.md``) and its loss plot (``loss_terms.png``) to ``output_dir``.
+
+        The card (template: ``model_card_template.md`` in this package) records the teacher and the UniKD settings
+        as metadata fields of their own, the student's and the teacher's evaluation metrics (the latest
+        ``evaluate()`` and ``evaluate_teacher()`` in ``state.log_history``) in the ``model-index``, parameter
+        counts, hyperparameters, the loss terms over training, how to load the student and the paper.
+
+        Args:
+            language, license, tags, model_name:
+                As for [`~transformers.Trainer.create_model_card`].
+            finetuned_from (`str`, *optional*):
+                The student's starting checkpoint; defaults to where the student was loaded from. It becomes
+                `base_model` only when it is a Hub id. The teacher is never the base model.
+            tasks (`str`, *optional*):
+                Only `"image-classification"`, the task of every hf_udkd student.
+            dataset_tags (`str` or `list[str]`, *optional*):
+                Hub dataset ids, for the `datasets` metadata.
+            dataset (`str` or `list[str]`, *optional*):
+                Readable dataset names; the `model-index` needs one (or a dataset tag) to list results.
+            dataset_args (`str`, *optional*):
+                The dataset configuration the metrics were computed on.
+            dataset_split (`str`, *optional*):
+                The split the metrics were computed on.
+            teacher_name (`str`, *optional*):
+                The teacher's public name; defaults to its Hub id or its local directory's name.
+            template_path (`str`, *optional*):
+                A Jinja card template to use instead of the shipped one.
+        """
+        if not self.is_world_process_zero():
+            return
+        for task in [tasks] if isinstance(tasks, str) else tasks or []:
+            if task != model_card.PIPELINE_TAG:
+                raise ValueError(f"tasks={tasks!r}: an hf_udkd student is an {model_card.PIPELINE_TAG} model")
+        student = self.student
+        teacher = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
+        dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
+        dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
+        history = self.state.log_history
+        record = model_card.DistillationRecord(
+            model_name=model_name or self._default_model_name(),
+            repo_id=self.hub_model_id or self.args.hub_model_id or self._default_model_name(),
+            student_architecture=type(student).__name__,
+            student_parameters=model_card.count_parameters(student),
+            student_origin=finetuned_from or model_card.origin(student),
+            teacher_name=(teacher_name or model_card.display_name(teacher)) if teacher is not None else None,
+            teacher_origin=model_card.origin(teacher) if teacher is not None else None,
+            teacher_architecture=type(teacher).__name__ if teacher is not None else None,
+            teacher_parameters=model_card.count_parameters(teacher) if teacher is not None else None,
+            distillation=model_card.distillation_settings(
+                self.args,
+                [stage.layer for stage in self.accelerator.unwrap_model(self.model).student_tap.stages],
+                self.teacher_tap.stages[0].layer if self.teacher_tap is not None else None,
+            ),
+            hyperparameters=model_card.training_hyperparameters(self.args, self.state.global_step),
+            student_metrics=model_card.last_metrics(history, "eval"),
+            teacher_metrics=model_card.last_metrics(history, "teacher_eval"),
+            log_history=history,
+            dataset_tags=dataset_tags,
+            dataset_names=dataset_names,
+            dataset_split=dataset_split,
+            dataset_config=dataset_args,
+            license=license,
+            language=language,
+            extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
+            framework_versions=model_card.framework_versions(),
+        )
+        if record.student_metrics and not record.dataset_names:
+            logger.warning(
+                "The model card lists no results in its model-index: the Hub needs the dataset's name. Pass "
+                "dataset= (and dataset_tags= with Hub dataset ids) to create_model_card() or push_to_hub()."
+            )
+        model_card.write_model_card(record, self.args.output_dir, template_path)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Push the clean student to `args.hub_model_id`: weights, config, image processor, card and loss plot.
+
+        Never the UniKD heads, checkpoints or `training_args.bin`. Everything is written to `output_dir` before
+        the Hub is contacted, so a refused push leaves a complete local copy. When the student has been
+        evaluated and the teacher not yet, the teacher is evaluated once for the card. The token comes from
+        `token`, `args.hub_token`, `HF_TOKEN` or the saved login, and is never written or logged.
+
+        Args:
+            commit_message, blocking, token, revision, private:
+                As for [`~transformers.Trainer.push_to_hub`].
+            kwargs:
+                Passed to [`~UDKDTrainer.create_model_card`].
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        history = self.state.log_history
+        if (
+            self.teacher_model is not None
+            and self.compute_metrics is not None
+            and self.eval_dataset is not None
+            and model_card.last_metrics(history, "eval")
+            and not model_card.last_metrics(history, "teacher_eval")
+        ):
+            self.evaluate_teacher()
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        kwargs.setdefault("model_name", self._default_model_name())
+        self.create_model_card(**kwargs)
+        files = model_card.student_files(self.args.output_dir)
+        try:
+            if self.hub_model_id is None:
+                self.init_hf_repo(token=token, private=private)
+            self._finish_current_push()
+            return hf_api().upload_folder(
+                repo_id=self.hub_model_id,
+                folder_path=self.args.output_dir,
+                commit_message=commit_message,
+                token=token,
+                run_as_future=not blocking,
+                allow_patterns=files,
+                revision=revision if revision is not None else self.args.hub_revision,
+            )
+        except HfHubHTTPError as err:
+            err.append_to_message(
+                f"\n\nPushing the student to the Hub failed; it is complete in {self.args.output_dir} "
+                f"({', '.join(files)}). Push it again with trainer.push_to_hub() or `hf upload <repo_id> "
+                f"{self.args.output_dir}`."
+            )
+            raise
