@@ -1,0 +1,283 @@
+"""examples/run_image_classification_udkd.py: argument parsing, data loading, two input views, bad images,
+and the script itself (in process on an imagefolder, and once end to end in a subprocess)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import resnet_config
+from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ViTImageProcessor
+
+from hf_udkd.data import load_animal_mnist
+from hf_udkd.image_processing import (
+    ImageClassificationTransform,
+    UndecodableImageError,
+    collate_image_classification,
+    decode_image,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_image_classification_udkd.py"
+CLASSES = ["bear", "bird", "cat"]
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("run_image_classification_udkd", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve the string annotations through sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def animals():
+    """Real Animal-MNIST images of the first three classes: {class name: [PIL "L" images]}."""
+    train = load_animal_mnist()["train"]
+    names = train.features["label"].names
+    labels = np.asarray(train["label"])
+    return {
+        name: list(train.select(np.flatnonzero(labels == names.index(name))[:8])["image"]) for name in CLASSES
+    }
+
+
+def student_processor() -> ViTImageProcessor:
+    return ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def teacher_processor() -> ConvNextImageProcessor:
+    """Another size (48, via shortest_edge) and ImageNet's mean/std: a teacher trained its own way."""
+    return ConvNextImageProcessor(size={"shortest_edge": 48}, crop_pct=1.0)
+
+
+def write_imagefolder(root: Path, animals, per_class: int, broken: str | None = None) -> None:
+    """Class subfolders of real PNGs in the modes users meet (L, RGBA, P, RGB); optionally one broken file."""
+    modes = ["L", "RGBA", "P", "RGB"]
+    for name, images in animals.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images[:per_class]):
+            image.convert(modes[i % len(modes)]).save(root / name / f"{i}.png")
+    if broken is not None:
+        (root / CLASSES[0] / broken).write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated, not an image")
+
+
+# ---- arguments --------------------------------------------------------------------------------------------
+
+
+def test_builtin_defaults_apply_only_when_nothing_is_named_and_yield_to_explicit_arguments(example, tmp_path):
+    model_args, data_args, args = example.parse_arguments([])
+    assert data_args.uses_builtin_data and model_args.uses_builtin_student
+    assert args.output_dir == "udkd-animal-mnist" and args.do_train and args.do_eval
+    assert args.learning_rate == example.SCRATCH_TRAINING_DEFAULTS["learning_rate"]
+
+    _, _, args = example.parse_arguments(["--learning_rate", "1e-4", "--output_dir", str(tmp_path)])
+    assert args.learning_rate == 1e-4 and args.output_dir == str(tmp_path)
+
+    # A named model and data set: transformers' own defaults, as in run_image_classification.py.
+    named = ["--model_name_or_path", "m", "--train_dir", "d", "--output_dir", str(tmp_path), "--w_feat", "0.5"]
+    model_args, data_args, args = example.parse_arguments(named)
+    assert args.learning_rate == 5e-5 and not args.do_train and args.w_feat == 0.5
+    assert data_args.crop_scale_min == 0.08
+
+    # A JSON file as the only argument is the same as the command line.
+    config = tmp_path / "args.json"
+    config.write_text(json.dumps({"num_train_epochs": 2, "temperature": 2.0}))
+    _, _, args = example.parse_arguments([str(config)])
+    assert args.num_train_epochs == 2 and args.temperature == 2.0 and args.do_train
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+
+def test_renamed_columns_load_and_a_wrong_name_lists_the_columns(example, animals, tmp_path):
+    rows = {"img": [], "animal": []}
+    for name, images in animals.items():
+        for image in images[:4]:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            rows["img"].append({"bytes": buffer.getvalue(), "path": None})
+            rows["animal"].append(name)  # strings: the script makes a ClassLabel of them
+    features = datasets.Features({"img": datasets.Image(), "animal": datasets.Value("string")})
+    data_dir = tmp_path / "renamed"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(data_dir / "train.parquet"))
+
+    argv = ["--dataset_name", str(data_dir), "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
+    model_args, data_args, _ = example.parse_arguments(argv)
+    with pytest.raises(ValueError, match="--image_column_name image not found.*img, animal"):
+        example.load_image_dataset(data_args, model_args, seed=0)
+
+    model_args, data_args, _ = example.parse_arguments(
+        argv + ["--image_column_name", "img", "--label_column_name", "animal", "--train_val_split", "0.25"]
+    )
+    dataset = example.load_image_dataset(data_args, model_args, seed=0)
+    assert sorted(dataset) == ["train", "validation"] and len(dataset["validation"]) == 3
+    assert dataset["train"].features["animal"].names == sorted(CLASSES)
+    transform = ImageClassificationTransform(
+        student_processor(), train=False, image_column="img", label_column="animal"
+    )
+    batch = collate_image_classification(list(dataset["train"].with_transform(transform)))
+    assert batch["pixel_values"].shape == (9, 3, 32, 32)
+    assert set(batch["labels"].tolist()) == {0, 1, 2}
+
+
+def test_modes_are_converted_to_rgb(animals):
+    image = animals["bear"][0]
+    for mode in ["L", "RGBA", "LA", "P", "I;16", "CMYK"]:
+        buffer = io.BytesIO()
+        converted = image.convert(mode) if mode != "I;16" else PIL.Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
+        converted.save(buffer, format="TIFF")
+        decoded = decode_image({"bytes": buffer.getvalue(), "path": None})
+        assert decoded.mode == "RGB", mode
+        # The silhouette survives every conversion (within rounding): white animal on black.
+        grey = np.asarray(decoded.convert("L"), dtype=np.float32)
+        assert np.abs(grey - np.asarray(image, dtype=np.float32)).max() <= 2, mode
+
+
+# ---- two input views --------------------------------------------------------------------------------------
+
+
+def _pixels(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Undo normalisation: (3, H, W) normalised -> [0, 1]."""
+    return x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+
+
+def test_teacher_and_student_see_the_same_random_crop_each_in_its_own_format(animals):
+    teacher = teacher_processor()
+    transform = ImageClassificationTransform(student_processor(), teacher, train=True, crop_scale=(0.2, 0.5))
+    assert transform.makes_teacher_inputs
+    images = [image for name in CLASSES for image in animals[name][:4]]
+    torch.manual_seed(0)
+    out = transform({"image": images, "label": [0] * len(images)})
+    gaps, shuffled_gaps = [], []
+    teacher_as_student = []
+    for s, t in zip(out["pixel_values"], out["teacher_pixel_values"], strict=True):
+        assert s.shape == (3, 32, 32) and t.shape == (3, 48, 48)
+        t01 = _pixels(t, teacher.image_mean, teacher.image_std)
+        teacher_as_student.append(torch.nn.functional.interpolate(t01[None], size=32, mode="area")[0])
+    for i, s in enumerate(out["pixel_values"]):
+        s01 = _pixels(s, [0.5] * 3, [0.5] * 3)
+        gaps.append((s01 - teacher_as_student[i]).abs().mean().item())
+        shuffled_gaps.append((s01 - teacher_as_student[(i + 1) % len(images)]).abs().mean().item())
+    # The same crop seen at two sizes differs by resampling only; another image's crop differs a lot.
+    assert max(gaps) < 0.05 < min(shuffled_gaps)
+
+    # Evaluation: the same processor on both sides makes no second view.
+    same = ImageClassificationTransform(student_processor(), student_processor(), train=False)
+    assert not same.makes_teacher_inputs
+    assert "teacher_pixel_values" not in same({"image": images[:2], "label": [0, 1]})
+
+
+# ---- bad data ---------------------------------------------------------------------------------------------
+
+
+def test_an_undecodable_file_is_named_or_skipped_with_a_warning(animals, tmp_path, caplog):
+    write_imagefolder(tmp_path, animals, per_class=1, broken="broken.png")
+    files = [{"bytes": None, "path": str(p)} for p in sorted(tmp_path.rglob("*.png"))]
+    batch = {"image": files, "label": list(range(len(files)))}
+
+    strict = ImageClassificationTransform(student_processor(), train=True)
+    with pytest.raises(UndecodableImageError, match=r"broken\.png.*--skip_bad_images"):
+        strict(dict(batch))
+
+    lenient = ImageClassificationTransform(student_processor(), train=True, skip_bad_images=True)
+    with caplog.at_level(logging.WARNING):
+        out = lenient(dict(batch))
+        lenient(dict(batch))  # warned once per file, not once per epoch
+    assert sum(x is None for x in out["pixel_values"]) == 1
+    assert sum("broken.png" in r.getMessage() for r in caplog.records) == 1
+    examples = [{"pixel_values": p, "labels": y} for p, y in zip(out["pixel_values"], out["labels"], strict=True)]
+    collated = collate_image_classification(examples)
+    assert collated["pixel_values"].shape == (len(files) - 1, 3, 32, 32)
+
+
+# ---- the script -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def imagefolder_run(animals, tmp_path):
+    """An imagefolder train/validation split with a broken file, a tiny student config and a tiny teacher
+    saved with an image processor of its own (48 px, ImageNet mean/std)."""
+    write_imagefolder(tmp_path / "train", animals, per_class=6, broken="broken.png")
+    write_imagefolder(tmp_path / "val", {k: v[6:] for k, v in animals.items()}, per_class=2)
+    labels = {"num_labels": 3, "id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+    config_dir = tmp_path / "student_config"
+    resnet_config([4, 8, 16, 32], **labels).save_pretrained(config_dir)
+    torch.manual_seed(0)
+    teacher = AutoModelForImageClassification.from_config(resnet_config([8, 16, 32, 64], **labels))
+    teacher.save_pretrained(tmp_path / "teacher")
+    teacher_processor().save_pretrained(tmp_path / "teacher")
+    return [
+        "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"),
+        "--config_name", str(config_dir), "--teacher_model_name_or_path", str(tmp_path / "teacher"),
+        "--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", "--max_steps", "2",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--report_to", "none",
+        "--log_level", "warning", "--disable_tqdm", "true", "--save_strategy", "no",
+    ]  # fmt: skip
+
+
+def test_script_on_an_imagefolder_with_a_teacher_of_another_input_size(example, imagefolder_run, tmp_path, capsys):
+    with pytest.raises(UndecodableImageError, match="broken.png"):
+        example.main(imagefolder_run)
+
+    summary = example.main(imagefolder_run + ["--skip_bad_images"])
+    trainer = summary.trainer
+    # The teacher read its own 48 px inputs: its last ResNet stage is 2x2 there, 1x1 at the student's 32 px.
+    teacher_stage = trainer.teacher_tap.stages[0]
+    assert (teacher_stage.height, teacher_stage.width) == (2, 2)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["teacher_pixel_values"].shape[-2:] == (48, 48) and batch["pixel_values"].shape[-2:] == (32, 32)
+    assert trainer.state.global_step == 2
+    assert 0.0 <= summary.student_accuracy <= 1.0 and 0.0 <= summary.teacher_accuracy <= 1.0
+    out = tmp_path / "out"
+    for name in ["config.json", "model.safetensors", "preprocessor_config.json", "README.md", "eval_results.json"]:
+        assert (out / name).is_file(), name
+    saved = AutoModelForImageClassification.from_pretrained(out)
+    assert [saved.config.id2label[i] for i in range(3)] == CLASSES
+    assert "teacher accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_builtin_default_run_end_to_end_in_a_subprocess(example, tmp_path):
+    """The README's command on a small subset: trains a teacher, distils, evaluates, saves, summarises."""
+    out = tmp_path / "run"
+    argv = [
+        "--output_dir", str(out), "--max_train_samples", "256", "--max_eval_samples", "128",
+        "--num_train_epochs", "1", "--teacher_num_train_epochs", "1", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "UniKD distillation summary" in result.stdout
+    assert "training a ResNet teacher" in result.stdout
+    for name in ["config.json", "model.safetensors", "preprocessor_config.json", "README.md"]:
+        assert (out / name).is_file(), name
+    assert (out / "teacher" / "model.safetensors").is_file()
+    student = AutoModelForImageClassification.from_pretrained(out)
+    teacher = AutoModelForImageClassification.from_pretrained(out / "teacher")
+    ratio = sum(p.numel() for p in teacher.parameters()) / sum(p.numel() for p in student.parameters())
+    assert ratio >= 10
+    assert f"{ratio:.1f}x fewer" in result.stdout
+    assert student.config.id2label[0] == "bear"
+
+    # A second run reuses the teacher the first one saved, without training it again.
+    model_args, data_args, args = example.parse_arguments(argv)
+    reused, teacher_dir = example.train_or_load_teacher(model_args, args, None, student.config.id2label.values(),
+                                                        None, None)
+    assert teacher_dir == str(out / "teacher")
+    for a, b in zip(reused.parameters(), teacher.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
