@@ -1,0 +1,51 @@
+"""Smoke run of benchmarks/bench_speed.py --quick, in-process: every configuration steps, reports and is written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speed.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_speed_quick_run_reports_every_configuration(tmp_path):
+    bench = _load_bench()
+    lines: list[str] = []
+    result = bench.main(["--quick", "--pairs", "resnet", "--output-dir", str(tmp_path)], log=lines.append)
+
+    written = json.loads((tmp_path / "speed_cpu_quick.json").read_text())
+    assert written["pairs"][0]["rows"] == result["pairs"][0]["rows"]
+    pair = result["pairs"][0]
+    rows = {row["name"]: row for row in pair["rows"]}
+    default = f"unikd_m{bench.DEFAULT_WIDTH}"
+    widths = {f"unikd_m{width}" for width in (64, 16, bench.DEFAULT_WIDTH)}
+    assert set(rows) == {"student", "kd", "unikd_no_aff", "unikd_cached"} | widths
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["peak_memory_mib"] > 0 and row["step_gflop"] > 0
+    assert rows["student"]["time_vs_student"] == 1.0 and rows["kd"]["time_vs_kd"] == 1.0
+
+    # What each configuration computes shows in its FLOPs: the teacher adds its forward, the fusion adds
+    # more at a larger width, and a filled cache removes the teacher's forward again.
+    flops = pair["forward_gflop"]
+    assert rows["kd"]["step_gflop"] - rows["student"]["step_gflop"] >= 0.99 * flops["teacher_forward"]
+    assert rows[default]["step_gflop"] > rows["unikd_m16"]["step_gflop"] > rows["unikd_no_aff"]["step_gflop"]
+    assert flops[f"aff_forward_m{bench.DEFAULT_WIDTH}"] > flops["aff_forward_m16"] > 0
+    saved = rows[default]["step_gflop"] - rows["unikd_cached"]["step_gflop"]
+    assert abs(saved - flops["teacher_forward"]) <= 0.01 * flops["teacher_forward"]
+    # Holding the teacher and the heads costs memory over the student alone.
+    assert rows[default]["peak_memory_mib"] > rows["student"]["peak_memory_mib"]
+
+    assert set(pair["targets"]) == {"unikd_time_vs_kd", "unikd_memory_vs_kd", "outside_aff_overhead", "cached_step_ms"}
+    table = (tmp_path / "speed_cpu_quick.md").read_text()
+    assert f"| UniKD, aff_channels={bench.DEFAULT_WIDTH} (default) |" in table and "teacher cache filled" in table
