@@ -176,6 +176,10 @@ class Runner:
     batch: dict[str, torch.Tensor]
     times: list[float] = field(default_factory=list)
 
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self.trainer.teacher_model
+
     def step(self) -> None:
         self.trainer.training_step(self.model, dict(self.batch))
         self.trainer.optimizer.step()
@@ -195,7 +199,9 @@ def make_runner(setting: Setting, student, teacher, dataset: BatchDataset, optio
     )
     trainer = UDKDTrainer(
         model=copy.deepcopy(student),
-        teacher_model=teacher if setting.uses_teacher else None,
+        # Each trainer gets its own teacher: preparing one module for several accelerators would wrap its
+        # forward in bf16 autocast once per trainer.
+        teacher_model=copy.deepcopy(teacher) if setting.uses_teacher else None,
         args=args,
         train_dataset=dataset,
     )
@@ -232,13 +238,15 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def memory_and_flops(runner: Runner, teacher: torch.nn.Module | None, device: str) -> tuple[int, int]:
+def memory_and_flops(runner: Runner, device: str) -> tuple[int, int]:
     """Bytes of live tensors at the peak of one step (see the module docstring), and the step's FLOPs.
 
     One extra step per configuration measures both: the FLOP counter sits inside the memory tracker (its
     own few bookkeeping tensors are not allocated through torch).
     """
-    optimizer = runner.trainer.optimizer
+    # AcceleratedOptimizer wraps the torch optimizer that holds the state.
+    optimizer = getattr(runner.trainer.optimizer, "optimizer", runner.trainer.optimizer)
+    teacher = runner.teacher
     flops = FlopCounterMode(display=False)
     if device == "cuda":
         persistent = _tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers()))
@@ -256,9 +264,7 @@ def memory_and_flops(runner: Runner, teacher: torch.nn.Module | None, device: st
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
-    # AcceleratedOptimizer wraps the torch optimizer that holds the state.
-    tracker.track_external(runner.model, getattr(optimizer, "optimizer", optimizer),
-                           *([teacher] if teacher is not None else []))
+    tracker.track_external(runner.model, optimizer, *([teacher] if teacher is not None else []))
     # MemTracker hooks the gradient of every parameter it sees in a forward, which torch refuses for frozen
     # ones. The teacher runs under inference mode, so unfreezing it for this step computes nothing more.
     frozen = [p for p in (teacher.parameters() if teacher is not None else []) if not p.requires_grad]
@@ -317,7 +323,8 @@ def benchmark_pair(name: str, teacher_config, student_config, dataset: BatchData
         teacher_input = kd.batch["pixel_values"]
         teacher_times: list[float] = []
         calls = {"teacher": 0}
-        hook = teacher.register_forward_pre_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
+        cached = by_name["unikd_cached"]
+        hook = cached.teacher.register_forward_pre_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
         jobs: list[tuple[str, Callable[[], None]]] = [(r.setting.name, r.step) for r in runners]
         jobs.append(("teacher_forward", lambda: kd.trainer._teacher_outputs(teacher_input)))
         cached_calls = 0
@@ -338,15 +345,14 @@ def benchmark_pair(name: str, teacher_config, student_config, dataset: BatchData
                     cached_calls += calls["teacher"] - before
             log(f"  {name}: round {round_index + 1}/{total_rounds} ({time.perf_counter() - start:.0f} s)")
         hook.remove()
-        cache = by_name["unikd_cached"].trainer.teacher_cache
+        cache = cached.trainer.teacher_cache
         if cached_calls or cache.num_filled != len(dataset):
             raise RuntimeError(f"the teacher cache did not take over: {cached_calls} teacher calls in timed steps")
 
         phase = time.perf_counter()
         memory, step_flops = {}, {}
         for r in runners:
-            used_teacher = teacher if r.setting.uses_teacher else None
-            memory[r.setting.name], step_flops[r.setting.name] = memory_and_flops(r, used_teacher, options.device)
+            memory[r.setting.name], step_flops[r.setting.name] = memory_and_flops(r, options.device)
         aff_runners = {r.setting.overrides["aff_channels"]: r for r in runners if "aff_channels" in r.setting.overrides}
         flops = component_flops(by_name[f"unikd_m{DEFAULT_WIDTH}"], aff_runners)
         log(f"  {name}: peak memory and FLOPs ({time.perf_counter() - phase:.0f} s)")
