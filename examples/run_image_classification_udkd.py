@@ -234,7 +234,7 @@ def parse_arguments(
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0]) as f:
             given = json.load(f)
-        model_args, data_args, _ = parser.parse_dict({"output_dir": "unused", **given})
+        model_args, data_args, _ = parser.parse_dict(given)
         defaults = _defaults(model_args, data_args)
         return parser.parse_dict({**defaults, **given})
     model_args, data_args = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:2]
@@ -321,13 +321,16 @@ def label_kwargs(names: list[str]) -> dict[str, Any]:
     }
 
 
-def hub_kwargs(model_args: ModelArguments) -> dict[str, Any]:
-    return {
+def hub_kwargs(model_args: ModelArguments, student: bool = True) -> dict[str, Any]:
+    """Keyword arguments of the `from_pretrained` calls; `--model_revision` applies to the student only."""
+    kwargs = {
         "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
         "token": model_args.token,
         "trust_remote_code": model_args.trust_remote_code,
     }
+    if student:
+        kwargs["revision"] = model_args.model_revision
+    return kwargs
 
 
 def load_student(model_args: ModelArguments, names: list[str]) -> tuple[PreTrainedModel, Any]:
@@ -365,7 +368,7 @@ def load_teacher_image_processor(model_args: ModelArguments, student_processor: 
     """The teacher's image processor: named, else the teacher's own, else the student's (with a warning)."""
     source = model_args.teacher_image_processor_name or model_args.teacher_model_name_or_path
     try:
-        return AutoImageProcessor.from_pretrained(source, **hub_kwargs(model_args))
+        return AutoImageProcessor.from_pretrained(source, **hub_kwargs(model_args, student=False))
     except OSError:
         if model_args.teacher_image_processor_name is not None:
             raise
@@ -538,7 +541,7 @@ def main(argv: list[str] | None = None) -> RunSummary:
 
     if model_args.teacher_model_name_or_path is not None:
         teacher = AutoModelForImageClassification.from_pretrained(
-            model_args.teacher_model_name_or_path, **hub_kwargs(model_args)
+            model_args.teacher_model_name_or_path, **hub_kwargs(model_args, student=False)
         )
         teacher_dir = model_args.teacher_model_name_or_path
         check_teacher_labels(teacher, names, teacher_dir)
