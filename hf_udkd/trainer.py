@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from typing import Any
@@ -201,13 +202,18 @@ class UDKDTrainer(Trainer):
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         loaded_dtype = next(teacher.parameters()).dtype
         teacher.eval().requires_grad_(False)
-        teacher.to(self.args.resolved_teacher_dtype(loaded_dtype))
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # accelerate does not place models under FSDP; the teacher is not sharded there, each device holds it.
+        teacher.to(device=self.args.device, dtype=self.args.resolved_teacher_dtype(loaded_dtype))
+        prepared = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # accelerate wraps forward in the training's autocast; _teacher_outputs runs it in teacher_dtype instead.
+        return self.accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
 
     def _teacher_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits (B, K) and pooled tap (B, C_T), float32, as normal (not inference) tensors."""
         dtype = next(self.teacher_model.parameters()).dtype
-        with torch.inference_mode(), self.accelerator.autocast():
+        # A float32 teacher runs in float32 even when the student trains under bf16/fp16 autocast.
+        autocast = torch.autocast(self.args.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        with torch.inference_mode(), autocast:
             tapped = self.teacher_tap(self.teacher_model, pixel_values.to(dtype))
             logits, pooled = tapped.logits, tapped.stages[0].mean(dim=(-2, -1))
         # Tensors made in inference mode cannot be saved for backward, and FDP_t learns on `pooled`.
@@ -368,7 +374,10 @@ class UDKDTrainer(Trainer):
             save_file(head_state, os.path.join(output_dir, HEADS_NAME), metadata={"format": "pt"})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        # Kept for the Trainer's own resume checks, without the Hub token, which is never written.
+        args = copy.copy(self.args)
+        args.hub_token = None
+        torch.save(args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_student_and_heads(self, checkpoint: str, model: nn.Module) -> None:
         distiller = self.accelerator.unwrap_model(model)
