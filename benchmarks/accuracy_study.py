@@ -68,6 +68,9 @@ INVESTIGATION_METHODS: dict[str, dict[str, Any] | None] = {
     "tstage0": {"teacher_stage": 0},
     "tstage_last": {"teacher_stage": -1},
     "wsupp0.1": {"w_supp": 0.1},
+    "wsupp0": {"w_supp": 0.0},
+    "wfeat0.5": {"w_feat": 0.5},
+    "wfeat2": {"w_feat": 2.0},
     "T2": {"temperature": 2.0},
 }
 METHODS = {**PRIMARY_METHODS, **INVESTIGATION_METHODS}
@@ -564,6 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"default {DEFAULT_OUTPUT} ({QUICK_OUTPUT} with --quick)")
     parser.add_argument("--quick", action="store_true", help="pipeline check: tiny models and data, 1 seed")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="train nothing: summarise the runs already in the output dir (e.g. after a time-out)")
     args = parser.parse_args(argv)
     methods = []
     for name in args.methods:
@@ -602,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dry_run:
         return {}
     start = time.perf_counter()
-    records = execute(teachers, students, args.jobs)
+    records = [] if args.summarize_only else execute(teachers, students, args.jobs)
     wall = time.perf_counter() - start
     if records:
         run_s = sum(r["wall_s"] for r in records)
