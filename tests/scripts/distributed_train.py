@@ -1,0 +1,191 @@
+"""Tiny UDKDTrainer jobs for tests/test_multiprocess.py, run in one process or under torchrun.
+
+    python tests/scripts/distributed_train.py OUT_DIR JOB [JOB ...]
+    torchrun --nproc_per_node 2 tests/scripts/distributed_train.py OUT_DIR JOB [JOB ...]
+
+Every job trains for a few steps with the same GLOBAL batch (16 examples) however many processes run
+it, then evaluates. Rank 0 writes ``OUT_DIR/JOB.json`` (per-step losses, eval metrics, one checksum of
+the parameters and one FDP noise draw per rank, where the teacher sat) and ``OUT_DIR/JOB.safetensors``
+(the trained DistillationModel's parameters), so that one launch serves several assertions.
+The jobs run on the CPU (gloo) unless UDKD_TEST_DEVICE=cuda.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from transformers import AutoModelForImageClassification
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TensorImageDataset, resnet_config, to_pixel_values, vit_config  # noqa: E402
+
+from hf_udkd import UDKDTrainer, UDKDTrainingArguments  # noqa: E402
+from hf_udkd.data import load_digits_dataset  # noqa: E402
+
+GLOBAL_BATCH = 16
+STEPS = 4
+TRAIN_EXAMPLES = GLOBAL_BATCH * STEPS
+EVAL_EXAMPLES = 32
+
+def _deepspeed_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        # The Trainer's own AdamW, not a DeepSpeed optimizer.
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage},
+    }
+
+
+# name -> (student architecture, UDKDTrainingArguments overrides, gradient-accumulation steps).
+# The ViT student has no BatchNorm and no dropout, so a batch split over processes computes exactly the
+# loss of the whole batch; BatchNorm (ResNet) normalises per process unless converted to SyncBatchNorm.
+JOBS: dict[str, tuple[str, dict, int]] = {
+    "kd": ("vit", {"use_fdp": False}, 1),
+    # No sampling enters the loss: gaussian feature KL, and w_supp=0 drops the sampled supplementary term.
+    "unikd_exact": ("vit", {"feature_kl": "gaussian", "w_supp": 0.0}, 1),
+    "unikd_exact_ga": ("vit", {"feature_kl": "gaussian", "w_supp": 0.0}, 2),
+    "unikd": ("vit", {}, 1),
+    "unikd_resnet": ("resnet", {}, 1),
+    # FSDP2 (transformers' default version). accelerate 1.15 enables FSDP only on accelerators: on CPU
+    # the plugin is dropped and this runs as DDP; benchmarks/gpu_check.py runs it on a GPU.
+    "unikd_fsdp": ("vit", {"fsdp": "full_shard", "fsdp_config": {"version": 2}}, 1),
+    # accelerate turns DeepSpeed off under use_cpu; DS_ACCELERATOR=cpu runs it on the CPU over gloo.
+    "unikd_zero2": ("vit", {"use_cpu": False, "deepspeed": _deepspeed_config(2)}, 1),
+    "unikd_zero3": ("vit", {"use_cpu": False, "deepspeed": _deepspeed_config(3)}, 1),
+}
+
+
+def _model(kind: str) -> torch.nn.Module:
+    # The same seed on every rank and in every run: all processes start from the same weights.
+    torch.manual_seed(0)
+    configs = {"vit": vit_config, "resnet": lambda: resnet_config([8, 16, 32, 64]),
+               "teacher": lambda: resnet_config([16, 32, 64, 128])}
+    config = configs[kind]()
+    return AutoModelForImageClassification.from_config(config)
+
+
+def _datasets() -> tuple[TensorImageDataset, TensorImageDataset]:
+    splits = load_digits_dataset(split_seed=0)
+    train, validation = splits["train"], splits["validation"]
+    return (
+        TensorImageDataset(to_pixel_values(train["image"][:TRAIN_EXAMPLES]), torch.tensor(train["label"][:TRAIN_EXAMPLES])),
+        TensorImageDataset(
+            to_pixel_values(validation["image"][:EVAL_EXAMPLES]), torch.tensor(validation["label"][:EVAL_EXAMPLES])
+        ),
+    )
+
+
+def _gather(value):
+    """``[value of rank 0, value of rank 1, ...]``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _full_state(trainer: UDKDTrainer) -> dict[str, torch.Tensor]:
+    """The distiller's parameters, whole (FSDP2 shards are gathered), on every rank."""
+    distiller = trainer.accelerator.unwrap_model(trainer.model)
+    state = {}
+    for name, param in distiller.named_parameters():
+        value = param.full_tensor() if hasattr(param, "full_tensor") else param
+        state[name] = value.detach().float().cpu().contiguous()
+    return state
+
+
+def _checksum(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_job(name: str, out_dir: Path, train, validation) -> None:
+    kind, overrides, accumulation = JOBS[name]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = GLOBAL_BATCH // world // accumulation
+    with tempfile.TemporaryDirectory() as tmp:
+        args = UDKDTrainingArguments(
+            output_dir=tmp,
+            max_steps=STEPS,
+            per_device_train_batch_size=per_device,
+            per_device_eval_batch_size=EVAL_EXAMPLES // world,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=1e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=0,
+            data_seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            **{"use_cpu": os.environ.get("UDKD_TEST_DEVICE", "cpu") == "cpu", **overrides},
+        )
+        trainer = UDKDTrainer(
+            model=_model(kind),
+            teacher_model=_model("teacher"),
+            args=args,
+            train_dataset=train,
+            eval_dataset=validation,
+        )
+        trainer.train()
+        metrics = trainer.evaluate()
+
+    distiller = trainer.accelerator.unwrap_model(trainer.model)
+    state = _full_state(trainer)
+    # One draw from each rank's private FDP generator, as the next training step would make it.
+    draw = distiller.noise.sample(torch.zeros(4), torch.zeros(4)).tolist()
+    teacher = trainer.teacher_model
+    result = {
+        "world_size": world,
+        "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "train_terms": [
+            {k: v for k, v in entry.items() if k.startswith("loss_")}
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ],
+        "train_loss": next(e["train_loss"] for e in trainer.state.log_history if "train_loss" in e),
+        "eval": {k: v for k, v in metrics.items() if k.startswith("eval_loss")},
+        "checksums": _gather(_checksum(state)),
+        "noise_draws": _gather(draw),
+        "distiller_type": type(trainer.model).__name__,
+        "sharded_parameters": sum(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
+        "teacher": {
+            "device": str(next(teacher.parameters()).device),
+            "dtype": str(next(teacher.parameters()).dtype),
+            "requires_grad": any(p.requires_grad for p in teacher.parameters()),
+            "training": teacher.training,
+            "type": type(teacher).__name__,
+        },
+    }
+    if trainer.args.process_index == 0:
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+        save_file(state, str(out_dir / f"{name}.safetensors"))
+
+
+def main() -> None:
+    out_dir, names = Path(sys.argv[1]), sys.argv[2:]
+    unknown = [n for n in names if n not in JOBS]
+    if unknown:
+        raise SystemExit(f"unknown job(s) {unknown}; known: {list(JOBS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, validation = _datasets()
+    for name in names:
+        run_job(name, out_dir, train, validation)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""One process against two (DDP over gloo, on CPU): same losses, same update, identical ranks.
+
+Two launches serve every test here: tests/scripts/distributed_train.py runs a set of tiny jobs once in
+one process and once under ``torchrun --nproc_per_node 2``, with the same global batch, and writes each
+job's losses, per-rank parameter checksums, per-rank FDP noise draws and final parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_train.py"
+ONE_PROCESS_JOBS = ["kd", "unikd_exact", "unikd_exact_ga", "unikd"]
+TWO_PROCESS_JOBS = [*ONE_PROCESS_JOBS, "unikd_resnet"]
+
+
+def _launch(command: list[str], out_dir: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+
+
+class Run:
+    """The outputs of one launch: ``run[job]`` is the job's JSON, ``run.weights(job)`` its parameters."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def __getitem__(self, job: str) -> dict:
+        return json.loads((self.out_dir / f"{job}.json").read_text())
+
+    def weights(self, job: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.out_dir / f"{job}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Run:
+    out_dir = tmp_path_factory.mktemp("one_process")
+    _launch([sys.executable, str(SCRIPT), str(out_dir), *ONE_PROCESS_JOBS], out_dir)
+    return Run(out_dir)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> Run:
+    out_dir = tmp_path_factory.mktemp("two_processes")
+    # --standalone picks a free port, so concurrent test runs on one machine do not collide.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _launch([*torchrun, str(SCRIPT), str(out_dir), *TWO_PROCESS_JOBS], out_dir)
+    return Run(out_dir)
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        # Four AdamW steps amplify float rounding of the gradient sums (different reduction orders).
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("job", ["kd", "unikd_exact"])
+def test_two_processes_give_the_losses_and_weights_of_one(one, two, job):
+    """Logit KD, and UniKD without sampled noise in the loss: the same run whatever the number of processes."""
+    assert two[job]["world_size"] == 2
+    torch.testing.assert_close(two[job]["train_losses"], one[job]["train_losses"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two[job]["train_loss"], one[job]["train_loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two[job]["eval"], one[job]["eval"], rtol=1e-4, atol=1e-4)
+    _assert_same_weights(one.weights(job), two.weights(job))
+
+
+def test_reported_loss_is_not_scaled_by_the_number_of_processes(two):
+    """The logged loss is the weighted sum of the logged terms (all weights 1), not twice it."""
+    for job, names in [("kd", ["loss_ce", "loss_logit"]), ("unikd", ["loss_ce", "loss_logit", "loss_feat", "loss_supp"])]:
+        for loss, terms in zip(two[job]["train_losses"], two[job]["train_terms"], strict=True):
+            assert loss == pytest.approx(sum(terms[n] for n in names), abs=1e-3), (job, loss, terms)
+
+
+def test_gradient_accumulation_matches_one_larger_batch(one, two):
+    """2 micro-batches of 8 accumulated == 1 batch of 16, in one process and across two (4 x 2 x 2)."""
+    for run in (one, two):
+        torch.testing.assert_close(run["unikd_exact_ga"]["train_losses"], one["unikd_exact"]["train_losses"],
+                                   rtol=1e-5, atol=1e-6)
+        _assert_same_weights(one.weights("unikd_exact"), run.weights("unikd_exact_ga"))
+
+
+@pytest.mark.parametrize("job", TWO_PROCESS_JOBS)
+def test_ranks_end_with_identical_parameters(two, job):
+    checksums = two[job]["checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+
+
+def test_fdp_noise_differs_across_ranks_and_loss_scale_holds(one, two):
+    """Sampled UniKD: each rank draws its own noise; the loss stays on the one-process scale."""
+    draws = two["unikd"]["noise_draws"]
+    assert len(draws) == 2 and draws[0] != draws[1]
+    # Same weights and data, different noise: the losses agree loosely, far from a factor of 2.
+    for loss_two, loss_one in zip(two["unikd"]["train_losses"], one["unikd"]["train_losses"], strict=True):
+        assert 0.8 < loss_two / loss_one < 1.25
+    assert two["unikd"]["eval"]["eval_loss"] == pytest.approx(one["unikd"]["eval"]["eval_loss"], rel=0.05)
+
+
+def test_teacher_is_frozen_and_on_the_training_device(two):
+    for job in TWO_PROCESS_JOBS:
+        teacher = two[job]["teacher"]
+        assert teacher == {
+            "device": "cpu",
+            "dtype": "torch.float32",
+            "requires_grad": False,
+            "training": False,
+            "type": "ResNetForImageClassification",
+        }
