@@ -46,6 +46,9 @@ def test_bench_speed_quick_run_reports_every_configuration(tmp_path):
     # Holding the teacher and the heads costs memory over the student alone.
     assert rows[default]["peak_memory_mib"] > rows["student"]["peak_memory_mib"]
 
-    assert set(pair["targets"]) == {"unikd_time_vs_kd", "unikd_memory_vs_kd", "outside_aff_overhead", "cached_step_ms"}
+    assert set(pair["targets"]) == {
+        "unikd_time_vs_kd", "unikd_memory_vs_kd", "outside_aff_overhead", "cached_step_ms",
+        "cache_saving_vs_teacher_forward",
+    }
     table = (tmp_path / "speed_cpu_quick.md").read_text()
     assert f"| UniKD, aff_channels={bench.DEFAULT_WIDTH} (default) |" in table and "teacher cache filled" in table
