@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Callable
@@ -69,6 +70,17 @@ def _check_same_labels(student: nn.Module, teacher: nn.Module, student_k: int, t
             "logits would be compared class against a different class. Give the student the teacher's "
             "id2label/label2id (or re-map the dataset labels) before distilling."
         )
+
+
+def _whole_weights(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Gathers the weights of a model partitioned by DeepSpeed ZeRO-3 (made after the arguments) for a probe."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
@@ -145,11 +157,13 @@ class UDKDTrainer(Trainer):
         teacher = _load(teacher_model, "teacher") if teacher_model is not None else None
 
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
-        student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
+        with _whole_weights(student):
+            student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
         teacher_tap = None
         if teacher is not None:
             teacher_probe = probe.get(TEACHER_INPUT, probe["pixel_values"])
-            teacher_tap = FeatureTap.from_probe(teacher, teacher_probe, args.teacher_layers)
+            with _whole_weights(teacher):
+                teacher_tap = FeatureTap.from_probe(teacher, teacher_probe, args.teacher_layers)
             _check_same_labels(student, teacher, student_tap.num_labels, teacher_tap.num_labels)
             try:
                 teacher_stage = teacher_tap.stages[args.teacher_stage]
@@ -202,11 +216,28 @@ class UDKDTrainer(Trainer):
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         loaded_dtype = next(teacher.parameters()).dtype
         teacher.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return self._prepare_zero3_teacher(teacher)
         # accelerate does not place models under FSDP; the teacher is not sharded there, each device holds it.
         teacher.to(device=self.args.device, dtype=self.args.resolved_teacher_dtype(loaded_dtype))
         prepared = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         # accelerate wraps forward in the training's autocast; _teacher_outputs runs it in teacher_dtype instead.
         return self.accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+
+    def _prepare_zero3_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The teacher in its own ZeRO-3 inference engine, its weights partitioned like the student's (as TRL's
+        ``prepare_deepspeed`` does); the module is returned, and ZeRO-3's hooks gather its weights per forward."""
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        # A frozen model needs no optimizer; the batch size and bucket sizes left at "auto" take DeepSpeed's defaults.
+        for key in ("optimizer", "scheduler", "train_batch_size"):
+            config.pop(key, None)
+        config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if v != "auto"}
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()
+        self._teacher_engine = engine
+        return engine.module
 
     def _teacher_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits (B, K) and pooled tap (B, C_T), float32, as normal (not inference) tensors."""

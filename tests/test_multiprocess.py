@@ -108,13 +108,17 @@ def test_fdp_noise_differs_across_ranks_and_loss_scale_holds(one, two):
     assert two["unikd"]["eval"]["eval_loss"] == pytest.approx(one["unikd"]["eval"]["eval_loss"], rel=0.05)
 
 
-def test_teacher_is_frozen_and_on_the_training_device(two):
+def test_teacher_is_frozen_on_the_training_device_and_unchanged(two):
+    """After training, in every job, the prepared teacher still computes the original teacher's logits."""
     for job in TWO_PROCESS_JOBS:
         teacher = two[job]["teacher"]
+        assert teacher.pop("logits_max_error") < 1e-5, job
         assert teacher == {
             "device": "cpu",
             "dtype": "torch.float32",
             "requires_grad": False,
             "training": False,
             "type": "ResNetForImageClassification",
+            "local_numel": teacher["numel"],
+            "numel": teacher["numel"],
         }

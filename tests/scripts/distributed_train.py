@@ -29,6 +29,7 @@ from conftest import TensorImageDataset, resnet_config, to_pixel_values, vit_con
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments  # noqa: E402
 from hf_udkd.data import load_digits_dataset  # noqa: E402
+from hf_udkd.trainer import _whole_weights  # noqa: E402
 
 GLOBAL_BATCH = 16
 STEPS = 4
@@ -38,12 +39,12 @@ EVAL_EXAMPLES = 32
 def _deepspeed_config(stage: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         # The Trainer's own AdamW, not a DeepSpeed optimizer.
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage},
+        # 0: every parameter of these tiny models is partitioned (by default small ones stay whole).
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
     }
 
 
@@ -96,13 +97,32 @@ def _gather(value):
 
 
 def _full_state(trainer: UDKDTrainer) -> dict[str, torch.Tensor]:
-    """The distiller's parameters, whole (FSDP2 shards are gathered), on every rank."""
+    """The distiller's parameters, whole (FSDP2 shards and ZeRO-3 partitions are gathered), on every rank."""
     distiller = trainer.accelerator.unwrap_model(trainer.model)
-    state = {}
-    for name, param in distiller.named_parameters():
-        value = param.full_tensor() if hasattr(param, "full_tensor") else param
-        state[name] = value.detach().float().cpu().contiguous()
+    with _whole_weights(distiller):
+        state = {}
+        for name, param in distiller.named_parameters():
+            value = param.full_tensor() if hasattr(param, "full_tensor") else param
+            state[name] = value.detach().float().cpu().clone()
     return state
+
+
+def _teacher_check(trainer: UDKDTrainer, pixel_values: torch.Tensor, expected: torch.Tensor) -> dict:
+    """Where the prepared teacher sits, whether ZeRO-3 partitioned it, and whether it still computes
+    ``expected``, the logits of the original teacher on ``pixel_values``."""
+    teacher = trainer.teacher_model
+    parameter = next(teacher.parameters())
+    logits, _ = trainer._teacher_outputs(pixel_values.to(trainer.args.device))
+    return {
+        "device": str(parameter.device),
+        "dtype": str(parameter.dtype),
+        "requires_grad": any(p.requires_grad for p in teacher.parameters()),
+        "training": teacher.training,
+        "type": type(teacher).__name__,
+        "local_numel": sum(p.numel() for p in teacher.parameters()),
+        "numel": sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters()),
+        "logits_max_error": (logits.cpu() - expected).abs().max().item(),
+    }
 
 
 def _checksum(state: dict[str, torch.Tensor]) -> str:
@@ -113,10 +133,13 @@ def _checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def run_job(name: str, out_dir: Path, train, validation) -> None:
+def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.Tensor) -> None:
     kind, overrides, accumulation = JOBS[name]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = GLOBAL_BATCH // world // accumulation
+    # Built before the arguments: under ZeRO-3, models built afterwards are initialised per partition, with
+    # other random weights than the same seed gives elsewhere.
+    student, teacher = _model(kind), _model("teacher")
     with tempfile.TemporaryDirectory() as tmp:
         args = UDKDTrainingArguments(
             output_dir=tmp,
@@ -135,20 +158,20 @@ def run_job(name: str, out_dir: Path, train, validation) -> None:
             **{"use_cpu": os.environ.get("UDKD_TEST_DEVICE", "cpu") == "cpu", **overrides},
         )
         trainer = UDKDTrainer(
-            model=_model(kind),
-            teacher_model=_model("teacher"),
+            model=student,
+            teacher_model=teacher,
             args=args,
             train_dataset=train,
             eval_dataset=validation,
         )
         trainer.train()
-        metrics = trainer.evaluate()
+        # DeepSpeed on the CPU: accelerate's gather for eval metrics sizes its buffers for one process.
+        metrics = trainer.evaluate() if not args.deepspeed else {}
 
     distiller = trainer.accelerator.unwrap_model(trainer.model)
     state = _full_state(trainer)
     # One draw from each rank's private FDP generator, as the next training step would make it.
     draw = distiller.noise.sample(torch.zeros(4), torch.zeros(4)).tolist()
-    teacher = trainer.teacher_model
     result = {
         "world_size": world,
         "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
@@ -163,13 +186,8 @@ def run_job(name: str, out_dir: Path, train, validation) -> None:
         "noise_draws": _gather(draw),
         "distiller_type": type(trainer.model).__name__,
         "sharded_parameters": sum(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
-        "teacher": {
-            "device": str(next(teacher.parameters()).device),
-            "dtype": str(next(teacher.parameters()).dtype),
-            "requires_grad": any(p.requires_grad for p in teacher.parameters()),
-            "training": teacher.training,
-            "type": type(teacher).__name__,
-        },
+        "accelerate_num_processes": trainer.accelerator.num_processes,
+        "teacher": _teacher_check(trainer, validation.pixel_values[:8], teacher_logits),
     }
     if trainer.args.process_index == 0:
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -183,8 +201,11 @@ def main() -> None:
         raise SystemExit(f"unknown job(s) {unknown}; known: {list(JOBS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     train, validation = _datasets()
+    # Before any arguments exist: under ZeRO-3 a model built afterwards is partitioned at creation.
+    with torch.no_grad():
+        teacher_logits = _model("teacher").eval()(validation.pixel_values[:8]).logits
     for name in names:
-        run_job(name, out_dir, train, validation)
+        run_job(name, out_dir, train, validation, teacher_logits)
 
 
 if __name__ == "__main__":
