@@ -260,6 +260,11 @@ class FeatureTap:
         cls, model: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int | str] | None = None
     ) -> FeatureTap:
         """Run ``model`` (in eval mode, so no BatchNorm statistics move) on ``pixel_values`` (B, 3, H, W)."""
+        # The probe batch comes from the dataset on the CPU in float32; the model may already sit on a GPU or
+        # be loaded in half precision.
+        weight = next(model.parameters(), None)
+        if weight is not None:
+            pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         was_training = model.training
         model.eval()
         try:

@@ -153,3 +153,10 @@ def test_run_model_rejects_mixed_layer_kinds(tmp_path):
     model = build(resnet_config([8, 16]), tmp_path)
     with pytest.raises(ValueError, match="mix indices and module names"):
         run_model(model, X, [1, "resnet.encoder"])
+
+
+def test_probe_follows_the_model_dtype(tmp_path):
+    # A teacher loaded in half precision must not be probed with the dataset's float32 batch.
+    model = build(resnet_config([8, 16, 32, 64]), tmp_path).to(torch.bfloat16)
+    tap = FeatureTap.from_probe(model, X)
+    assert shapes(tap) == [(8, 8, 8), (16, 4, 4), (32, 2, 2), (64, 1, 1)]
