@@ -58,7 +58,7 @@ from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfi
 
 import hf_udkd  # noqa: E402
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments  # noqa: E402
-from hf_udkd.data import load_animal_mnist  # noqa: E402
+from hf_udkd.data import PixelValuesDataset, load_animal_mnist  # noqa: E402
 from hf_udkd.teacher_cache import INDEX_KEY  # noqa: E402
 
 DEFAULT_WIDTH = UDKDTrainingArguments.__dataclass_fields__["aff_channels"].default
@@ -119,27 +119,14 @@ def describe(model: torch.nn.Module, config) -> str:
 # ---- data --------------------------------------------------------------------------------------------------
 
 
-class BatchDataset(torch.utils.data.Dataset):
-    """The benchmark batch as a dataset (the trainer probes shapes on it; the cache checks determinism)."""
-
-    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
-        self.pixel_values, self.labels = pixel_values, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
-
-
-def real_batch(batch_size: int, image_size: int) -> tuple[BatchDataset, list[str]]:
+def real_batch(batch_size: int, image_size: int) -> tuple[PixelValuesDataset, list[str]]:
     """The first ``batch_size`` Animal-MNIST training images, RGB, resized, normalised: (B, 3, S, S)."""
     train = load_animal_mnist(split_seed=0)["train"].select(range(batch_size))
     images = np.stack([np.asarray(im.convert("RGB").resize((image_size, image_size)), dtype=np.float32)
                        for im in train["image"]])
     pixel_values = (torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.5
     names = train.features["label"].names
-    return BatchDataset(pixel_values.contiguous(), torch.tensor(train["label"])), names
+    return PixelValuesDataset(pixel_values.contiguous(), torch.tensor(train["label"])), names
 
 
 # ---- configurations ----------------------------------------------------------------------------------------
@@ -187,7 +174,7 @@ class Runner:
         self.trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def make_runner(setting: Setting, student, teacher, dataset: BatchDataset, options: argparse.Namespace,
+def make_runner(setting: Setting, student, teacher, dataset: PixelValuesDataset, options: argparse.Namespace,
                 output_dir: str) -> Runner:
     args = UDKDTrainingArguments(
         output_dir=output_dir,
@@ -311,7 +298,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def benchmark_pair(name: str, teacher_config, student_config, dataset: BatchDataset,
+def benchmark_pair(name: str, teacher_config, student_config, dataset: PixelValuesDataset,
                    options: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """All configurations of one teacher/student pair, interleaved; returns the pair's results."""
     teacher, student = build(teacher_config), build(student_config)

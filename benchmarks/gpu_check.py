@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoModelForImageClassification, ResNetConfig, TrainerCallback  # noqa: E402
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments  # noqa: E402
+from hf_udkd.data import PixelValuesDataset  # noqa: E402
 
 NUM_LABELS = 100
 MODES = {
@@ -42,19 +43,11 @@ MODES = {
 }
 
 
-class SyntheticImages(torch.utils.data.Dataset):
+def synthetic_images(n: int, size: int, seed: int = 0) -> PixelValuesDataset:
     """``n`` random (3, size, size) images with random labels, made once on the CPU."""
-
-    def __init__(self, n: int, size: int, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.pixel_values = torch.randn(n, 3, size, size, generator=generator)
-        self.labels = torch.randint(0, NUM_LABELS, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+    generator = torch.Generator().manual_seed(seed)
+    return PixelValuesDataset(torch.randn(n, 3, size, size, generator=generator),
+                              torch.randint(0, NUM_LABELS, (n,), generator=generator))
 
 
 def teacher_config() -> ResNetConfig:
@@ -67,7 +60,7 @@ def student_config() -> ResNetConfig:
                         embedding_size=64, num_labels=NUM_LABELS)
 
 
-def build_teacher(data: SyntheticImages) -> torch.nn.Module:
+def build_teacher(data: PixelValuesDataset) -> torch.nn.Module:
     """A random ResNet-50-shaped teacher whose BatchNorm running statistics match ``data``."""
     torch.manual_seed(0)
     teacher = AutoModelForImageClassification.from_config(teacher_config()).cuda()
@@ -104,7 +97,7 @@ class StepTimer(TrainerCallback):
             self.end = time.perf_counter()
 
 
-def run_config(precision: str, mode: str, data: SyntheticImages, teacher: torch.nn.Module, cli) -> dict:
+def run_config(precision: str, mode: str, data: PixelValuesDataset, teacher: torch.nn.Module, cli) -> dict:
     options = {k: v for k, v in MODES[mode].items() if k != "teacher"}
     timer = StepTimer(cli.warmup)
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +151,7 @@ def run_config(precision: str, mode: str, data: SyntheticImages, teacher: torch.
 
 def fsdp_worker(out_path: str, cli) -> None:
     """One FSDP2 UniKD run (started under torchrun): is the distiller sharded, where is the teacher."""
-    data = SyntheticImages(4 * cli.batch_size, cli.image_size)
+    data = synthetic_images(4 * cli.batch_size, cli.image_size)
     teacher = build_teacher(data)
     with tempfile.TemporaryDirectory() as tmp:
         args = UDKDTrainingArguments(
@@ -220,7 +213,7 @@ def main() -> None:
 
     torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
-    data = SyntheticImages((cli.warmup + cli.steps) * cli.batch_size, cli.image_size)
+    data = synthetic_images((cli.warmup + cli.steps) * cli.batch_size, cli.image_size)
     teacher = build_teacher(data)
     report = {
         "gpu": torch.cuda.get_device_name(),

@@ -18,11 +18,12 @@ from importlib.resources import files
 import datasets
 import numpy as np
 import PIL.Image
+import torch
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["load_animal_mnist", "load_digits_dataset"]
+__all__ = ["PixelValuesDataset", "load_animal_mnist", "load_digits_dataset"]
 
 
 def load_animal_mnist(
@@ -163,3 +164,22 @@ def _png(image: np.ndarray) -> dict[str, bytes | None]:
     # Fastest lossless level: the images are tiny and encoding dominates the load time.
     PIL.Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     return {"bytes": buffer.getvalue(), "path": None}
+
+
+class PixelValuesDataset(torch.utils.data.Dataset):
+    """Already preprocessed images as examples ``{"pixel_values": (C, H, W), "labels": ()}`` for UDKDTrainer.
+
+    For data held as tensors (benchmarks, tests, a cached preprocessing): ``pixel_values`` is (N, C, H, W) and
+    ``labels`` is (N,).
+    """
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
+        if len(pixel_values) != len(labels):
+            raise ValueError(f"{len(pixel_values)} images but {len(labels)} labels")
+        self.pixel_values, self.labels = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}

@@ -22,7 +22,10 @@ from transformers import (  # noqa: E402
     ViTConfig,
 )
 
-from hf_udkd.data import load_digits_dataset  # noqa: E402
+from hf_udkd.data import PixelValuesDataset, load_digits_dataset  # noqa: E402
+
+# The tests' name for the library's tensor dataset.
+TensorImageDataset = PixelValuesDataset
 
 IMAGE_SIZE = 32
 NUM_LABELS = 10
@@ -79,19 +82,6 @@ def to_pixel_values(images, size: int = IMAGE_SIZE) -> torch.Tensor:
     array = np.stack([np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) for im in images])
     x = torch.from_numpy(array).permute(0, 3, 1, 2) / 255.0
     return (x - 0.5) / 0.5
-
-
-class TensorImageDataset(torch.utils.data.Dataset):
-    """Preprocessed examples {'pixel_values', 'labels'}, as a transformers image-classification transform gives."""
-
-    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
-        self.pixel_values, self.labels = pixel_values, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
 
 
 @pytest.fixture(scope="session")
