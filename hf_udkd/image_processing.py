@@ -41,8 +41,6 @@ __all__ = [
 ]
 
 
-
-
 class UndecodableImageError(ValueError):
     """An image file or blob that PIL cannot decode."""
 
