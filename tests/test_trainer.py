@@ -256,3 +256,27 @@ def test_args_round_trip_through_json(tmp_path):
                                         if k in UDKDTrainingArguments.__dataclass_fields__})
     assert restored.student_layers == ["1", "3"] and restored.aff_channels == 32 and restored.w_supp == 0.5
     assert os.fspath(restored.output_dir) == args.output_dir
+
+
+def test_load_best_model_at_end_restores_student_and_heads(tmp_path, resnet_teacher, resnet_student, digits):
+    train, validation = digits
+    args = make_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                     save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                     greater_is_better=False, logging_steps=2)
+    trainer = UDKDTrainer(model=resnet_student, teacher_model=resnet_teacher, args=args,
+                          train_dataset=subset(train, 192), eval_dataset=subset(validation, 64))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    saved_student = load_file(os.path.join(best, "model.safetensors"))
+    saved_heads = load_file(os.path.join(best, HEADS_NAME))
+    # Whichever checkpoint won, loading it again must overwrite every student and head weight.
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.add_(1.0)
+    trainer._load_best_model()
+    for name, value in trainer.student.state_dict().items():
+        torch.testing.assert_close(value, saved_student[name], msg=name)
+    model_state = trainer.model.state_dict()
+    for name, value in saved_heads.items():
+        torch.testing.assert_close(model_state[name], value, msg=name)
