@@ -6,8 +6,11 @@ temporary directory.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_udkd_home_"))
@@ -27,6 +30,7 @@ from hf_udkd.data import PixelValuesDataset, load_digits_dataset  # noqa: E402
 # The tests' name for the library's tensor dataset.
 TensorImageDataset = PixelValuesDataset
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 32
 NUM_LABELS = 10
 DIGIT_NAMES = [str(i) for i in range(NUM_LABELS)]
@@ -97,3 +101,14 @@ def digits():
 def accuracy(eval_pred) -> dict[str, float]:
     logits, labels = eval_pred
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (examples/, benchmarks/) as a module, to call its functions."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve their string annotations through sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

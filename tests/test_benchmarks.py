@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speed.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_bench_speed_quick_run_reports_every_configuration(tmp_path):
-    bench = _load_bench()
+    bench = load_script("benchmarks/bench_speed.py")
     lines: list[str] = []
     result = bench.main(["--quick", "--pairs", "resnet", "--output-dir", str(tmp_path)], log=lines.append)
 

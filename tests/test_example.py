@@ -3,7 +3,6 @@ and the script itself (in process on an imagefolder, and once end to end in a su
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -17,7 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import resnet_config
+from conftest import load_script, resnet_config
 from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ViTImageProcessor
 
 from hf_udkd.data import load_animal_mnist
@@ -35,12 +34,7 @@ CLASSES = ["bear", "bird", "cat"]
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("run_image_classification_udkd", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve the string annotations through sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/run_image_classification_udkd.py")
 
 
 @pytest.fixture(scope="module")
