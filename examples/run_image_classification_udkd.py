@@ -56,6 +56,7 @@ from hf_udkd import UDKDTrainer, UDKDTrainingArguments
 from hf_udkd.data import load_animal_mnist
 from hf_udkd.image_processing import ImageClassificationTransform, collate_image_classification
 from hf_udkd.metrics import load_accuracy
+from hf_udkd.model_card import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -452,27 +453,6 @@ def train_or_load_teacher(
     return teacher, teacher_dir
 
 
-def evaluate_teacher(
-    teacher: PreTrainedModel,
-    training_args: UDKDTrainingArguments,
-    eval_dataset: datasets.Dataset,
-    teacher_dir: str,
-) -> dict[str, float]:
-    """Accuracy of the teacher on the validation split, in the teacher's own input view."""
-    trainer = Trainer(
-        model=teacher,
-        args=side_arguments(training_args, teacher_dir),
-        eval_dataset=eval_dataset,
-        data_collator=collate_image_classification,
-        compute_metrics=compute_metrics_fn(),
-    )
-    return trainer.evaluate(metric_key_prefix="teacher_eval")
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def main(argv: list[str] | None = None) -> RunSummary:
     start = time.time()
     model_args, data_args, training_args = parse_arguments(argv)
@@ -552,13 +532,6 @@ def main(argv: list[str] | None = None) -> RunSummary:
         )
         teacher_processor = image_processor
     train_transform, eval_transform = make_transforms(teacher_processor)
-    teacher_view = ImageClassificationTransform(
-        teacher_processor,
-        train=False,
-        image_column=data_args.image_column_name,
-        label_column=data_args.label_column_name,
-        skip_bad_images=data_args.skip_bad_images,
-    )
     if train_transform.makes_teacher_inputs:
         logger.info("The teacher's image processor differs from the student's: each gets its own view of each image")
 
@@ -587,9 +560,8 @@ def main(argv: list[str] | None = None) -> RunSummary:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         student_accuracy = metrics["eval_accuracy"]
-        teacher_metrics = evaluate_teacher(
-            teacher, training_args, dataset["validation"].with_transform(teacher_view), teacher_dir
-        )
+        # The teacher on the same evaluation batches, in its own view; logged, so the model card lists it.
+        teacher_metrics = trainer.evaluate_teacher()
         trainer.log_metrics("teacher_eval", teacher_metrics)
         trainer.save_metrics("teacher_eval", teacher_metrics)
         teacher_accuracy = teacher_metrics["teacher_eval_accuracy"]
