@@ -1,4 +1,4 @@
-"""One process against two (DDP over gloo, on CPU): same losses, same update, identical ranks.
+"""One process against two (DDP and FSDP2 over gloo, on CPU): same losses, same update, identical ranks.
 
 Two launches serve every test here: tests/scripts/distributed_train.py runs a set of tiny jobs once in
 one process and once under ``torchrun --nproc_per_node 2``, with the same global batch, and writes each
@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_train.py"
 ONE_PROCESS_JOBS = ["kd", "unikd_exact", "unikd_exact_ga", "unikd"]
-TWO_PROCESS_JOBS = [*ONE_PROCESS_JOBS, "unikd_resnet"]
+TWO_PROCESS_JOBS = [*ONE_PROCESS_JOBS, "unikd_resnet", "unikd_fsdp"]
 
 
 def _launch(command: list[str], out_dir: Path) -> None:
@@ -122,3 +123,39 @@ def test_teacher_is_frozen_on_the_training_device_and_unchanged(two):
             "local_numel": teacher["numel"],
             "numel": teacher["numel"],
         }
+
+
+def test_fsdp_shards_student_and_heads_and_trains_like_one_process(one, two):
+    """FSDP2 through accelerate: every parameter of the distiller (student + heads) is a shard, and the
+    exact UniKD job gives the losses and the weights of the one-process run."""
+    fsdp = two["unikd_fsdp"]
+    assert fsdp["distributed_type"] == "DistributedType.FSDP"
+    assert fsdp["distiller_type"] == "FSDPDistillationModel"
+    assert fsdp["sharded_parameters"] == fsdp["parameters"] > 0
+    torch.testing.assert_close(fsdp["train_losses"], one["unikd_exact"]["train_losses"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fsdp["eval"], one["unikd_exact"]["eval"], rtol=1e-4, atol=1e-4)
+    _assert_same_weights(one.weights("unikd_exact"), two.weights("unikd_fsdp"))
+
+
+def test_fsdp_checkpoint_resumes_exactly(two):
+    """A new trainer resumed from the FSDP checkpoint at step 2 logs the same losses and ends with the
+    same parameters, on both ranks, as the uninterrupted run."""
+    fsdp = two["unikd_fsdp"]
+    assert fsdp["resumed_losses"] == fsdp["train_losses"]
+    assert fsdp["resumed_checksums"] == fsdp["checksums"]
+
+
+def test_fsdp_save_model_writes_the_clean_student(two):
+    """save_model() under FSDP gathers the shards and writes the student alone, loadable by Auto."""
+    saved = two.out_dir / "unikd_fsdp_student"
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "training_args.bin"]
+    trained = two.weights("unikd_fsdp")
+    expected = {k.removeprefix("student."): v for k, v in trained.items() if k.startswith("student.")}
+    assert len(expected) < len(trained)  # the fusion and FDP heads trained beside the student...
+    saved_keys = load_file(str(saved / "model.safetensors")).keys()  # ...and are not saved
+    assert len(saved_keys) == len(expected) and not any(k.startswith(("fusion.", "fdp_")) for k in saved_keys)
+    student = AutoModelForImageClassification.from_pretrained(saved)
+    loaded = dict(student.named_parameters())
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name].detach(), value, rtol=0, atol=0, msg=name)

@@ -12,6 +12,7 @@ The jobs run on the CPU (gloo) unless UDKD_TEST_DEVICE=cuda.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification
 
@@ -58,13 +61,37 @@ JOBS: dict[str, tuple[str, dict, int]] = {
     "unikd_exact_ga": ("vit", {"feature_kl": "gaussian", "w_supp": 0.0}, 2),
     "unikd": ("vit", {}, 1),
     "unikd_resnet": ("resnet", {}, 1),
-    # FSDP2 (transformers' default version). accelerate 1.15 enables FSDP only on accelerators: on CPU
-    # the plugin is dropped and this runs as DDP; benchmarks/gpu_check.py runs it on a GPU.
-    "unikd_fsdp": ("vit", {"fsdp": "full_shard", "fsdp_config": {"version": 2}}, 1),
+    # FSDP2 (transformers' default version), on CPU over gloo (see _fsdp_on_cpu): the same exact job as
+    # unikd_exact, plus a checkpoint at step 2 that a second trainer resumes from.
+    "unikd_fsdp": ("vit", {"feature_kl": "gaussian", "w_supp": 0.0, "fsdp": "full_shard",
+                           "fsdp_config": {"version": 2}, "save_strategy": "steps", "save_steps": 2}, 1),
     # accelerate turns DeepSpeed off under use_cpu; DS_ACCELERATOR=cpu runs it on the CPU over gloo.
     "unikd_zero2": ("vit", {"use_cpu": False, "deepspeed": _deepspeed_config(2)}, 1),
     "unikd_zero3": ("vit", {"use_cpu": False, "deepspeed": _deepspeed_config(3)}, 1),
 }
+
+
+@contextlib.contextmanager
+def _fsdp_on_cpu(args: UDKDTrainingArguments):
+    """Let accelerate shard over gloo on the CPU.
+
+    accelerate (1.15) turns the FSDP plugin on only when its process state is one of the accelerator
+    types (MULTI_GPU, MULTI_XPU, ...): on CPU it silently trains with DDP instead. torch's FSDP2 itself
+    runs over gloo, so for the duration of the job the shared state reports MULTI_GPU, the type under
+    which `accelerate launch --use_fsdp` enables it; devices, process group and data sharding stay the
+    CPU's. Everything the Trainer then does (fully_shard, sharded optimizer, full state dict on save,
+    FSDP checkpoints and their resume) is accelerate's and torch's real FSDP2 code.
+    """
+    state = PartialState()
+    if not args.fsdp or state.device.type != "cpu" or state.num_processes == 1:
+        yield
+        return
+    before = state.distributed_type
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    try:
+        yield
+    finally:
+        PartialState._shared_state["distributed_type"] = before
 
 
 def _model(kind: str) -> torch.nn.Module:
@@ -140,33 +167,45 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
     # Built before the arguments: under ZeRO-3, models built afterwards are initialised per partition, with
     # other random weights than the same seed gives elsewhere.
     student, teacher = _model(kind), _model("teacher")
-    with tempfile.TemporaryDirectory() as tmp:
+    saves = overrides.get("save_strategy", "no") != "no"
+    # A job that saves writes where every rank reads (FSDP writes model and optimizer from rank 0 only).
+    context = contextlib.nullcontext(str(out_dir / name)) if saves else tempfile.TemporaryDirectory()
+    with context as output_dir:
         args = UDKDTrainingArguments(
-            output_dir=tmp,
+            output_dir=output_dir,
             max_steps=STEPS,
             per_device_train_batch_size=per_device,
             per_device_eval_batch_size=EVAL_EXAMPLES // world,
             gradient_accumulation_steps=accumulation,
             learning_rate=1e-3,
             logging_steps=1,
-            save_strategy="no",
             report_to="none",
             seed=0,
             data_seed=0,
             disable_tqdm=True,
             dataloader_num_workers=0,
-            **{"use_cpu": os.environ.get("UDKD_TEST_DEVICE", "cpu") == "cpu", **overrides},
+            **{"use_cpu": os.environ.get("UDKD_TEST_DEVICE", "cpu") == "cpu", "save_strategy": "no", **overrides},
         )
-        trainer = UDKDTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=train,
-            eval_dataset=validation,
-        )
-        trainer.train()
-        # DeepSpeed on the CPU: accelerate's gather for eval metrics sizes its buffers for one process.
-        metrics = trainer.evaluate() if not args.deepspeed else {}
+        with _fsdp_on_cpu(args):
+            trainer = UDKDTrainer(
+                model=student,
+                teacher_model=teacher,
+                args=args,
+                train_dataset=train,
+                eval_dataset=validation,
+            )
+            trainer.train()
+            # DeepSpeed on the CPU: accelerate's gather for eval metrics sizes its buffers for one process.
+            metrics = trainer.evaluate() if not args.deepspeed else {}
+            resumed_losses = None
+            if saves:
+                trainer.save_model(str(out_dir / f"{name}_student"))
+                # A new trainer, built from fresh models like the first, continues from the step-2 checkpoint.
+                resumed = UDKDTrainer(model=_model(kind), teacher_model=_model("teacher"), args=args,
+                                      train_dataset=train, eval_dataset=validation)
+                resumed.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
+                resumed_losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
+                resumed_checksum = _checksum(_full_state(resumed))
 
     distiller = trainer.accelerator.unwrap_model(trainer.model)
     state = _full_state(trainer)
@@ -187,8 +226,13 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
         "distiller_type": type(trainer.model).__name__,
         "sharded_parameters": sum(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
         "accelerate_num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "parameters": sum(1 for _ in trainer.model.parameters()),
         "teacher": _teacher_check(trainer, validation.pixel_values[:8], teacher_logits),
     }
+    if resumed_losses is not None:
+        result["resumed_losses"] = resumed_losses
+        result["resumed_checksums"] = _gather(resumed_checksum)
     if trainer.args.process_index == 0:
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
         save_file(state, str(out_dir / f"{name}.safetensors"))
