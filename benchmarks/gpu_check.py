@@ -1,6 +1,6 @@
-"""GPU check: UDKDTrainer steps on CUDA in bf16 and fp16, images/s, and one FSDP2 run. Needs one CUDA GPU.
+"""GPU check: UDKDTrainer steps on CUDA in bf16 and fp16, images/s, and short FSDP2 and DeepSpeed ZeRO-3 runs.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py gpu_check.json [--image-size 224] [--batch-size 64]
+    PYTHONPATH=. python benchmarks/gpu_check.py gpu_check.json [--image-size 224] [--batch-sizes 64 256]
 
 A ResNet-50-shaped teacher (bottleneck, depths 3-4-6-3, widths 256..2048) and a ResNet-18-shaped student
 (basic, 2-2-2-2, 64..512) are built from configs with random weights (throughput does not depend on
@@ -8,15 +8,19 @@ what the weights know; the teacher's BatchNorm statistics are set from a few bat
 activations stay in range in fp16). For each precision (bf16, fp16) and mode (student only, logit KD,
 UniKD with the defaults), the Trainer runs ``--warmup`` steps, then ``--steps`` timed steps
 (synchronised); the JSON holds images/s, ms/step, peak GPU memory, the final loss and where the teacher
-sat and in which dtype. Then, unless ``--skip-fsdp``, the script starts itself under
-``torchrun --nproc_per_node 1`` with ``fsdp=True`` (FSDP2) and records whether accelerate wrapped the
-student and heads, where the teacher sat and whether the loss is finite. Synthetic images, no
-downloads, no ``datasets``: about 1 to 2 minutes on an H100.
+sat and in which dtype; ``gpu_check.md`` beside the JSON holds the table. Then the script starts itself
+under ``torchrun --nproc_per_node 1`` once per engine in ``--engines`` (``fsdp``: FSDP2 full_shard;
+``zero3``: DeepSpeed ZeRO-3, when deepspeed imports) and records whether accelerate wrapped the student
+and heads, where the teacher sat and in which form, the losses, whether a trainer resumed from the step-2
+checkpoint logs the same losses, and whether ``save_model`` wrote a student alone that
+``AutoModelForImageClassification`` loads. Synthetic images, no downloads, no ``datasets``: about 2
+minutes on an H100. ``--device cpu`` runs the same code on the CPU (a smoke test; no timing claims).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForImageClassification, ResNetConfig, TrainerCallback  # noqa: E402
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments  # noqa: E402
@@ -60,10 +65,10 @@ def student_config() -> ResNetConfig:
                         embedding_size=64, num_labels=NUM_LABELS)
 
 
-def build_teacher(data: PixelValuesDataset) -> torch.nn.Module:
+def build_teacher(data: PixelValuesDataset, device: str) -> torch.nn.Module:
     """A random ResNet-50-shaped teacher whose BatchNorm running statistics match ``data``."""
     torch.manual_seed(0)
-    teacher = AutoModelForImageClassification.from_config(teacher_config()).cuda()
+    teacher = AutoModelForImageClassification.from_config(teacher_config()).to(device)
     for module in teacher.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
@@ -71,7 +76,7 @@ def build_teacher(data: PixelValuesDataset) -> torch.nn.Module:
     teacher.train()
     with torch.no_grad():
         for start in range(0, 256, 64):
-            teacher(data.pixel_values[start:start + 64].cuda())
+            teacher(data.pixel_values[start:start + 64].to(device))
     return teacher.eval().cpu()
 
 
@@ -80,45 +85,55 @@ def build_student() -> torch.nn.Module:
     return AutoModelForImageClassification.from_config(student_config())
 
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 class StepTimer(TrainerCallback):
     """Wall time of the steps after ``warmup``, with the GPU synchronised at both ends."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, device: str):
         self.warmup = warmup
+        self.device = device
         self.start: float | None = None
         self.end: float | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup:
-            torch.cuda.synchronize()
+            synchronize(self.device)
             self.start = time.perf_counter()
         elif state.global_step == state.max_steps:
-            torch.cuda.synchronize()
+            synchronize(self.device)
             self.end = time.perf_counter()
 
 
-def run_config(precision: str, mode: str, data: PixelValuesDataset, teacher: torch.nn.Module, cli) -> dict:
+def run_config(precision: str, mode: str, batch_size: int, data: PixelValuesDataset, teacher: torch.nn.Module,
+               cli) -> dict:
     options = {k: v for k, v in MODES[mode].items() if k != "teacher"}
-    timer = StepTimer(cli.warmup)
+    timer = StepTimer(cli.warmup, cli.device)
     with tempfile.TemporaryDirectory() as tmp:
         args = UDKDTrainingArguments(
             output_dir=tmp,
             max_steps=cli.warmup + cli.steps,
-            per_device_train_batch_size=cli.batch_size,
+            per_device_train_batch_size=batch_size,
             learning_rate=0.05,
             optim="sgd",
             logging_steps=cli.warmup + cli.steps,
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
-            dataloader_num_workers=4,
-            dataloader_pin_memory=True,
+            dataloader_num_workers=cli.workers,
+            dataloader_persistent_workers=cli.workers > 0,
+            dataloader_pin_memory=cli.device == "cuda",
+            use_cpu=cli.device == "cpu",
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             seed=0,
             **options,
         )
-        torch.cuda.reset_peak_memory_stats()
+        if cli.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         trainer = UDKDTrainer(
             model=build_student(),
             teacher_model=teacher if MODES[mode]["teacher"] else None,
@@ -131,9 +146,10 @@ def run_config(precision: str, mode: str, data: PixelValuesDataset, teacher: tor
     result = {
         "precision": precision,
         "mode": mode,
-        "images_per_s": round(cli.steps * cli.batch_size / elapsed, 1),
+        "batch_size": batch_size,
+        "images_per_s": round(cli.steps * batch_size / elapsed, 1),
         "ms_per_step": round(1000 * elapsed / cli.steps, 2),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cli.device == "cuda" else None,
         "train_loss": output.training_loss,
         "loss_finite": math.isfinite(output.training_loss),
         "student_param_dtype": str(next(trainer.student.parameters()).dtype),
@@ -149,92 +165,175 @@ def run_config(precision: str, mode: str, data: PixelValuesDataset, teacher: tor
     return result
 
 
-def fsdp_worker(out_path: str, cli) -> None:
-    """One FSDP2 UniKD run (started under torchrun): is the distiller sharded, where is the teacher."""
-    data = synthetic_images(4 * cli.batch_size, cli.image_size)
-    teacher = build_teacher(data)
-    with tempfile.TemporaryDirectory() as tmp:
-        args = UDKDTrainingArguments(
-            output_dir=tmp, max_steps=4, per_device_train_batch_size=cli.batch_size, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, bf16=True, seed=0,
-            fsdp="full_shard", fsdp_config={"version": 2},
-        )
-        trainer = UDKDTrainer(model=build_student(), teacher_model=teacher, args=args, train_dataset=data)
-        trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    parameter = next(trainer.teacher_model.parameters())
-    result = {
-        "is_fsdp_enabled": trainer.is_fsdp_enabled,
-        "distributed_type": str(trainer.accelerator.distributed_type),
-        "wrapped_type": type(trainer.model_wrapped).__name__,
-        "sharded_parameters": sum(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
-        "parameters": sum(1 for _ in trainer.model.parameters()),
-        "teacher_device": str(parameter.device),
-        "teacher_param_dtype": str(parameter.dtype),
-        "teacher_trainable": any(p.requires_grad for p in trainer.teacher_model.parameters()),
-        "losses": losses,
-        "losses_finite": bool(losses) and all(math.isfinite(x) for x in losses),
+# ---- FSDP2 and DeepSpeed ZeRO-3, each in its own torchrun process ------------------------------------------
+
+def zero3_config() -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
     }
-    if trainer.args.process_index == 0:
-        Path(out_path).write_text(json.dumps(result, indent=1))
 
 
-def run_fsdp(cli) -> dict:
+ENGINES = {
+    "fsdp": {"fsdp": "full_shard", "fsdp_config": {"version": 2}},
+    "zero3": {"deepspeed": zero3_config()},
+}
+
+
+def engine_worker(engine: str, out_path: str, cli) -> None:
+    """A short UniKD run under ``engine``, a resume from its step-2 checkpoint, and a save_model."""
+    data = synthetic_images(4 * cli.batch_sizes[0], cli.image_size)
+    teacher_state = build_teacher(data, cli.device).state_dict()
+
+    def trainer_for(output_dir: str) -> UDKDTrainer:
+        # Models are built after the arguments, as users do: under ZeRO-3 they are then partitioned at creation.
+        args = UDKDTrainingArguments(
+            output_dir=output_dir, max_steps=4, per_device_train_batch_size=cli.batch_sizes[0], logging_steps=1,
+            save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, bf16=True, seed=0,
+            use_cpu=cli.device == "cpu", dataloader_num_workers=0, **ENGINES[engine],
+        )
+        teacher = AutoModelForImageClassification.from_config(teacher_config())
+        teacher.load_state_dict(teacher_state)
+        return UDKDTrainer(model=build_student(), teacher_model=teacher, args=args, train_dataset=data)
+
+    def losses(trainer: UDKDTrainer) -> list[float]:
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
     with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "fsdp.json")
+        trainer = trainer_for(os.path.join(tmp, "run"))
+        trainer.train()
+        teacher = trainer.teacher_model
+        parameter = next(teacher.parameters())
+        result = {
+            "engine": engine,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "wrapped_type": type(trainer.model_wrapped).__name__,
+            "sharded_parameters": sum(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
+                                      for p in trainer.model.parameters()),
+            "parameters": sum(1 for _ in trainer.model.parameters()),
+            "teacher_device": str(parameter.device),
+            "teacher_param_dtype": str(parameter.dtype),
+            "teacher_partitioned": hasattr(parameter, "ds_id"),
+            "teacher_trainable": any(p.requires_grad for p in teacher.parameters()),
+            "losses": losses(trainer),
+        }
+        result["losses_finite"] = bool(result["losses"]) and all(math.isfinite(x) for x in result["losses"])
+        trainer.save_model(os.path.join(tmp, "student"))
+        resumed = trainer_for(os.path.join(tmp, "run"))
+        resumed.train(resume_from_checkpoint=os.path.join(tmp, "run", "checkpoint-2"))
+        result["resumed_losses"] = losses(resumed)
+        result["resume_max_loss_difference"] = max(
+            abs(a - b) for a, b in zip(result["losses"], result["resumed_losses"], strict=True))
+        if trainer.args.process_index == 0:
+            saved = os.path.join(tmp, "student")
+            result["saved_files"] = sorted(os.listdir(saved))
+            result["saved_keys_with_heads"] = [
+                k for k in load_file(os.path.join(saved, "model.safetensors")) if k.startswith(("fusion.", "fdp_"))]
+            student = AutoModelForImageClassification.from_pretrained(saved).to(cli.device).eval()
+            with torch.no_grad():
+                result["saved_student_logits_finite"] = bool(
+                    torch.isfinite(student(data.pixel_values[:4].to(cli.device)).logits).all())
+            Path(out_path).write_text(json.dumps(result, indent=1))
+
+
+def run_engine(engine: str, cli) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, f"{engine}.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                   __file__, out_path, "--fsdp-worker", "--batch-size", str(min(cli.batch_size, 32)),
-                   "--image-size", str(cli.image_size)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                   __file__, out_path, "--engine-worker", engine, "--batch-sizes", str(min(cli.batch_sizes[0], 32)),
+                   "--image-size", str(cli.image_size), "--device", cli.device]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=cli.engine_timeout)
         if done.returncode != 0:
-            return {"error": f"exit {done.returncode}", "stderr_tail": done.stderr[-4000:]}
+            return {"engine": engine, "error": f"exit {done.returncode}", "stderr_tail": done.stderr[-4000:]}
         return json.loads(Path(out_path).read_text())
+
+
+def markdown(report: dict) -> str:
+    """The throughput table, with each mode's cost against the student alone and against logit KD."""
+    lines = [
+        f"GPU: {report['gpu']}, torch {report['torch']}, {report['image_size']}x{report['image_size']} images, "
+        f"{report['timed_steps']} timed steps after {report['warmup_steps']} warm-up steps.",
+        f"Teacher: {report['teacher']}; student: {report['student']}.",
+        "",
+        "| precision | batch | mode | images/s | ms/step | vs student | vs logit KD | peak GiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    runs = report["runs"]
+    for run in runs:
+        same = {r["mode"]: r for r in runs if (r["precision"], r["batch_size"]) == (run["precision"], run["batch_size"])}
+        vs_student = run["ms_per_step"] / same["student_only"]["ms_per_step"] if "student_only" in same else None
+        vs_kd = run["ms_per_step"] / same["logit_kd"]["ms_per_step"] if "logit_kd" in same else None
+        lines.append(
+            f"| {run['precision']} | {run['batch_size']} | {run['mode']} | {run['images_per_s']:,.0f} | "
+            f"{run['ms_per_step']:.1f} | {vs_student:.2f}x | {vs_kd:.2f}x | {run['peak_memory_gib']} |"
+            if run["mode"] != "student_only"
+            else f"| {run['precision']} | {run['batch_size']} | {run['mode']} | {run['images_per_s']:,.0f} | "
+            f"{run['ms_per_step']:.1f} | 1.00x | | {run['peak_memory_gib']} |"
+        )
+    for engine in report.get("engines", []):
+        lines += ["", f"{engine['engine']}: " + json.dumps({k: v for k, v in engine.items() if k != "engine"})]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="where to write the JSON results")
+    parser.add_argument("out", help="where to write the JSON results (the table goes to the same name with .md)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=4, help="dataloader workers")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--skip-fsdp", action="store_true")
-    parser.add_argument("--fsdp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
+    parser.add_argument("--engine-timeout", type=int, default=240, help="seconds for each engine's run")
+    parser.add_argument("--engine-worker", choices=list(ENGINES), help=argparse.SUPPRESS)
     cli = parser.parse_args()
-    if not torch.cuda.is_available():
+    if cli.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "gpu_check.py needs a CUDA GPU and torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an NVIDIA GPU."
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an NVIDIA GPU, "
+            "or pass --device cpu for a smoke run."
         )
-    if cli.fsdp_worker:
-        fsdp_worker(cli.out, cli)
+    if cli.engine_worker:
+        engine_worker(cli.engine_worker, cli.out, cli)
         return
 
     torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
-    data = synthetic_images((cli.warmup + cli.steps) * cli.batch_size, cli.image_size)
-    teacher = build_teacher(data)
+    # A pool of a few batches, cycled through: throughput does not depend on which images a step sees.
+    data = synthetic_images(4 * max(cli.batch_sizes), cli.image_size)
+    teacher = build_teacher(data, cli.device)
     report = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if cli.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "image_size": cli.image_size,
-        "batch_size": cli.batch_size,
         "timed_steps": cli.steps,
+        "warmup_steps": cli.warmup,
         "teacher": "ResNet-50-shaped (bottleneck 3-4-6-3, 256..2048), random weights",
         "student": "ResNet-18-shaped (basic 2-2-2-2, 64..512), random weights",
         "runs": [],
     }
     for precision in cli.precisions:
-        for mode in MODES:
-            result = run_config(precision, mode, data, teacher, cli)
-            print(json.dumps(result), flush=True)
-            report["runs"].append(result)
-    if not cli.skip_fsdp:
-        report["fsdp"] = run_fsdp(cli)
-        print(json.dumps(report["fsdp"]), flush=True)
+        for batch_size in cli.batch_sizes:
+            for mode in MODES:
+                result = run_config(precision, mode, batch_size, data, teacher, cli)
+                print(json.dumps(result), flush=True)
+                report["runs"].append(result)
+    report["engines"] = []
+    for engine in cli.engines:
+        if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
+            report["engines"].append({"engine": engine, "error": "deepspeed is not installed"})
+            continue
+        report["engines"].append(run_engine(engine, cli))
+        print(json.dumps(report["engines"][-1]), flush=True)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     Path(cli.out).write_text(json.dumps(report, indent=1))
+    Path(cli.out).with_suffix(".md").write_text(markdown(report))
     print(f"wrote {cli.out} in {report['wall_s']} s")
 
 

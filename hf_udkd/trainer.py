@@ -19,7 +19,7 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
-from transformers.trainer_utils import EvalPrediction, load_sharded_checkpoint
+from transformers.trainer_utils import EvalPrediction
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from transformers.utils.hub import hf_api
 
@@ -412,14 +412,17 @@ class UDKDTrainer(Trainer):
 
     def _load_student_and_heads(self, checkpoint: str, model: nn.Module) -> None:
         distiller = self.accelerator.unwrap_model(model)
-        if os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)):
-            result = distiller.student.load_state_dict(load_file(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)),
-                                                       strict=False)
-            self._issue_warnings_after_load(result)
-        elif os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)):
-            load_sharded_checkpoint(distiller.student, checkpoint, strict=False)
-        else:
+        student = distiller.student
+        if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
             raise ValueError(f"no {SAFE_WEIGHTS_NAME} in {checkpoint}: not a checkpoint written by UDKDTrainer")
+        if isinstance(student, PreTrainedModel):
+            # save_pretrained writes the checkpoint format, whose parameter names can differ from the module's
+            # (transformers v5 renames e.g. ViT's); from_pretrained maps them back.
+            saved = type(student).from_pretrained(checkpoint, config=student.config, dtype=student.dtype,
+                                                 use_safetensors=True)
+            student.load_state_dict(saved.state_dict())
+        else:
+            student.load_state_dict(load_file(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)))
         heads_file = os.path.join(checkpoint, HEADS_NAME)
         has_heads = any(not k.startswith("student.") for k in distiller.state_dict())
         if os.path.isfile(heads_file):

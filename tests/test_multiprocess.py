@@ -1,8 +1,10 @@
-"""One process against two (DDP and FSDP2 over gloo, on CPU): same losses, same update, identical ranks.
+"""One process against two (DDP, FSDP2 and DeepSpeed ZeRO-2/3 over gloo, on CPU): same losses, same update,
+identical ranks, exact resume, a clean student out of sharded training.
 
-Two launches serve every test here: tests/scripts/distributed_train.py runs a set of tiny jobs once in
-one process and once under ``torchrun --nproc_per_node 2``, with the same global batch, and writes each
-job's losses, per-rank parameter checksums, per-rank FDP noise draws and final parameters.
+Three launches serve every test here: tests/scripts/distributed_train.py runs a set of tiny jobs once in
+one process, once under ``torchrun --nproc_per_node 2`` with the same global batch, and once more under
+torchrun for the DeepSpeed jobs (DS_ACCELERATOR=cpu), and writes each job's losses, per-rank parameter
+checksums, per-rank FDP noise draws and final parameters.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ ONE_PROCESS_JOBS = ["kd", "unikd_exact", "unikd_exact_ga", "unikd"]
 TWO_PROCESS_JOBS = [*ONE_PROCESS_JOBS, "unikd_resnet", "unikd_fsdp"]
 
 
-def _launch(command: list[str], out_dir: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _launch(command: list[str], out_dir: Path, **env_overrides: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_overrides}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -52,12 +54,23 @@ def one(tmp_path_factory) -> Run:
     return Run(out_dir)
 
 
+# --standalone picks a free port, so concurrent test runs on one machine do not collide.
+TORCHRUN_TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory) -> Run:
     out_dir = tmp_path_factory.mktemp("two_processes")
-    # --standalone picks a free port, so concurrent test runs on one machine do not collide.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _launch([*torchrun, str(SCRIPT), str(out_dir), *TWO_PROCESS_JOBS], out_dir)
+    _launch([*TORCHRUN_TWO, str(SCRIPT), str(out_dir), *TWO_PROCESS_JOBS], out_dir)
+    return Run(out_dir)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_two(tmp_path_factory) -> Run:
+    """ZeRO-2 and ZeRO-3 in two processes. DeepSpeed builds its CPU communication op on first use (about
+    40 s with a C++ compiler, cached afterwards in torch's extensions folder)."""
+    out_dir = tmp_path_factory.mktemp("deepspeed")
+    _launch([*TORCHRUN_TWO, str(SCRIPT), str(out_dir), "unikd_zero2", "unikd_zero3"], out_dir, DS_ACCELERATOR="cpu")
     return Run(out_dir)
 
 
@@ -141,15 +154,17 @@ def test_fsdp_checkpoint_resumes_exactly(two):
     """A new trainer resumed from the FSDP checkpoint at step 2 logs the same losses and ends with the
     same parameters, on both ranks, as the uninterrupted run."""
     fsdp = two["unikd_fsdp"]
+    assert fsdp["resumed_distributed_type"] == "DistributedType.FSDP"
     assert fsdp["resumed_losses"] == fsdp["train_losses"]
     assert fsdp["resumed_checksums"] == fsdp["checksums"]
 
 
-def test_fsdp_save_model_writes_the_clean_student(two):
-    """save_model() under FSDP gathers the shards and writes the student alone, loadable by Auto."""
-    saved = two.out_dir / "unikd_fsdp_student"
+def _assert_clean_student(run: Run, job: str) -> None:
+    """``save_model()`` under sharding gathered the shards and wrote the student alone, loadable by Auto,
+    with the trained weights."""
+    saved = run.out_dir / f"{job}_student"
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "training_args.bin"]
-    trained = two.weights("unikd_fsdp")
+    trained = run.weights(job)
     expected = {k.removeprefix("student."): v for k, v in trained.items() if k.startswith("student.")}
     assert len(expected) < len(trained)  # the fusion and FDP heads trained beside the student...
     saved_keys = load_file(str(saved / "model.safetensors")).keys()  # ...and are not saved
@@ -159,3 +174,40 @@ def test_fsdp_save_model_writes_the_clean_student(two):
     assert loaded.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(loaded[name].detach(), value, rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_save_model_writes_the_clean_student(two):
+    _assert_clean_student(two, "unikd_fsdp")
+
+
+def test_deepspeed_zero3_partitions_student_heads_and_teacher(deepspeed_two):
+    """Under ZeRO-3 every parameter of the distiller is partitioned, and so is the teacher, in its own
+    inference engine (not left whole outside DeepSpeed); it still computes the original teacher's logits."""
+    zero3 = deepspeed_two["unikd_zero3"]
+    assert zero3["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert zero3["zero3_partitioned_parameters"] == zero3["parameters"] > 0
+    teacher = zero3["teacher"]
+    assert teacher["local_numel"] < teacher["numel"]
+    assert teacher["logits_max_error"] < 1e-5
+    assert not teacher["requires_grad"] and not teacher["training"]
+    zero2 = deepspeed_two["unikd_zero2"]
+    assert zero2["zero3_partitioned_parameters"] == 0 and zero2["teacher"]["local_numel"] == zero2["teacher"]["numel"]
+
+
+def test_deepspeed_zero3_trains_like_zero2_with_identical_ranks(deepspeed_two):
+    zero2, zero3 = deepspeed_two["unikd_zero2"], deepspeed_two["unikd_zero3"]
+    torch.testing.assert_close(zero3["train_losses"], zero2["train_losses"], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(deepspeed_two.weights("unikd_zero2"), deepspeed_two.weights("unikd_zero3"))
+    for job in (zero2, zero3):
+        assert len(job["checksums"]) == 2 and job["checksums"][0] == job["checksums"][1]
+
+
+def test_deepspeed_zero3_checkpoint_resumes_exactly(deepspeed_two):
+    zero3 = deepspeed_two["unikd_zero3"]
+    assert zero3["resumed_distributed_type"] == "DistributedType.DEEPSPEED"
+    assert zero3["resumed_losses"] == zero3["train_losses"]
+    assert zero3["resumed_checksums"] == zero3["checksums"]
+
+
+def test_deepspeed_zero3_save_model_writes_the_clean_student(deepspeed_two):
+    _assert_clean_student(deepspeed_two, "unikd_zero3")

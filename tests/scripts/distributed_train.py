@@ -46,8 +46,13 @@ def _deepspeed_config(stage: int) -> dict:
         "gradient_clipping": "auto",
         # The Trainer's own AdamW, not a DeepSpeed optimizer.
         "zero_allow_untested_optimizer": True,
-        # 0: every parameter of these tiny models is partitioned (by default small ones stay whole).
-        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+        "zero_optimization": {
+            "stage": stage,
+            # 0: every parameter of these tiny models is partitioned (by default small ones stay whole);
+            # save_model() gathers the partitions into one state dict for the student's safetensors.
+            **({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
+               if stage == 3 else {}),
+        },
     }
 
 
@@ -65,9 +70,14 @@ JOBS: dict[str, tuple[str, dict, int]] = {
     # unikd_exact, plus a checkpoint at step 2 that a second trainer resumes from.
     "unikd_fsdp": ("vit", {"feature_kl": "gaussian", "w_supp": 0.0, "fsdp": "full_shard",
                            "fsdp_config": {"version": 2}, "save_strategy": "steps", "save_steps": 2}, 1),
-    # accelerate turns DeepSpeed off under use_cpu; DS_ACCELERATOR=cpu runs it on the CPU over gloo.
-    "unikd_zero2": ("vit", {"use_cpu": False, "deepspeed": _deepspeed_config(2)}, 1),
-    "unikd_zero3": ("vit", {"use_cpu": False, "deepspeed": _deepspeed_config(3)}, 1),
+    # accelerate turns DeepSpeed off under use_cpu; DS_ACCELERATOR=cpu runs it on the CPU over gloo. There,
+    # accelerate's own state counts one process (DeepSpeed, not accelerate, starts the process group), so
+    # the data is not split between ranks: each sees the batches one process would. Gradients are still
+    # averaged and ZeRO partitions across both ranks. The exact job, so that ZeRO-2 and ZeRO-3 can be compared.
+    "unikd_zero2": ("vit", {"use_cpu": False, "feature_kl": "gaussian", "w_supp": 0.0,
+                            "deepspeed": _deepspeed_config(2)}, 1),
+    "unikd_zero3": ("vit", {"use_cpu": False, "feature_kl": "gaussian", "w_supp": 0.0, "save_strategy": "steps",
+                            "save_steps": 2, "deepspeed": _deepspeed_config(3)}, 1),
 }
 
 
@@ -168,10 +178,12 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
     # other random weights than the same seed gives elsewhere.
     student, teacher = _model(kind), _model("teacher")
     saves = overrides.get("save_strategy", "no") != "no"
+    # The models of the trainer that resumes from a checkpoint, built here for the same reason.
+    student_again, teacher_again = (_model(kind), _model("teacher")) if saves else (None, None)
     # A job that saves writes where every rank reads (FSDP writes model and optimizer from rank 0 only).
     context = contextlib.nullcontext(str(out_dir / name)) if saves else tempfile.TemporaryDirectory()
     with context as output_dir:
-        args = UDKDTrainingArguments(
+        make_args = lambda: UDKDTrainingArguments(  # noqa: E731
             output_dir=output_dir,
             max_steps=STEPS,
             per_device_train_batch_size=per_device,
@@ -186,6 +198,7 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
             dataloader_num_workers=0,
             **{"use_cpu": os.environ.get("UDKD_TEST_DEVICE", "cpu") == "cpu", "save_strategy": "no", **overrides},
         )
+        args = make_args()
         with _fsdp_on_cpu(args):
             trainer = UDKDTrainer(
                 model=student,
@@ -200,12 +213,16 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
             resumed_losses = None
             if saves:
                 trainer.save_model(str(out_dir / f"{name}_student"))
-                # A new trainer, built from fresh models like the first, continues from the step-2 checkpoint.
-                resumed = UDKDTrainer(model=_model(kind), teacher_model=_model("teacher"), args=args,
-                                      train_dataset=train, eval_dataset=validation)
-                resumed.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
+                # A new trainer (with new arguments: DeepSpeed's state is set up per arguments), on fresh models
+                # built like the first, continues from the step-2 checkpoint.
+                resumed_args = make_args()
+                with _fsdp_on_cpu(resumed_args):
+                    resumed = UDKDTrainer(model=student_again, teacher_model=teacher_again, args=resumed_args,
+                                          train_dataset=train, eval_dataset=validation)
+                    resumed.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
                 resumed_losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
                 resumed_checksum = _checksum(_full_state(resumed))
+                resumed_type = str(resumed.accelerator.distributed_type)
 
     distiller = trainer.accelerator.unwrap_model(trainer.model)
     state = _full_state(trainer)
@@ -225,6 +242,7 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
         "noise_draws": _gather(draw),
         "distiller_type": type(trainer.model).__name__,
         "sharded_parameters": sum(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
+        "zero3_partitioned_parameters": sum(hasattr(p, "ds_id") for p in distiller.parameters()),
         "accelerate_num_processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "parameters": sum(1 for _ in trainer.model.parameters()),
@@ -233,6 +251,7 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
     if resumed_losses is not None:
         result["resumed_losses"] = resumed_losses
         result["resumed_checksums"] = _gather(resumed_checksum)
+        result["resumed_distributed_type"] = resumed_type
     if trainer.args.process_index == 0:
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
         save_file(state, str(out_dir / f"{name}.safetensors"))
