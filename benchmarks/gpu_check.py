@@ -20,6 +20,7 @@ minutes on an H100. ``--device cpu`` runs the same code on the CPU (a smoke test
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -187,18 +188,22 @@ ENGINES = {
 def engine_worker(engine: str, out_path: str, cli) -> None:
     """A short UniKD run under ``engine``, a resume from its step-2 checkpoint, and a save_model."""
     data = synthetic_images(4 * cli.batch_sizes[0], cli.image_size)
-    teacher_state = build_teacher(data, cli.device).state_dict()
+    # All models are built before any arguments: under ZeRO-3, a model built afterwards is partitioned at
+    # creation and would not take the calibrated teacher's weights. One student and teacher per trainer.
+    teacher = build_teacher(data, cli.device)
+    models = [(build_student(), copy.deepcopy(teacher)) for _ in range(2)]
 
     def trainer_for(output_dir: str) -> UDKDTrainer:
-        # Models are built after the arguments, as users do: under ZeRO-3 they are then partitioned at creation.
         args = UDKDTrainingArguments(
             output_dir=output_dir, max_steps=4, per_device_train_batch_size=cli.batch_sizes[0], logging_steps=1,
-            save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, bf16=True, seed=0,
-            use_cpu=cli.device == "cpu", dataloader_num_workers=0, **ENGINES[engine],
+            save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, seed=0,
+            dataloader_num_workers=0, **ENGINES[engine],
+            # The CPU smoke run: transformers refuses bf16 under DeepSpeed there, and accelerate drops
+            # DeepSpeed under use_cpu (DS_ACCELERATOR=cpu runs it on the CPU instead).
+            bf16=cli.device == "cuda", use_cpu=cli.device == "cpu" and engine != "zero3",
         )
-        teacher = AutoModelForImageClassification.from_config(teacher_config())
-        teacher.load_state_dict(teacher_state)
-        return UDKDTrainer(model=build_student(), teacher_model=teacher, args=args, train_dataset=data)
+        student, teacher = models.pop(0)
+        return UDKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
 
     def losses(trainer: UDKDTrainer) -> list[float]:
         return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -222,22 +227,29 @@ def engine_worker(engine: str, out_path: str, cli) -> None:
             "losses": losses(trainer),
         }
         result["losses_finite"] = bool(result["losses"]) and all(math.isfinite(x) for x in result["losses"])
-        trainer.save_model(os.path.join(tmp, "student"))
+        # Saved where the parent process reads it: loading here would run under this process's ZeRO-3 setup.
+        saved = str(Path(out_path).with_suffix("")) + "_student"
+        trainer.save_model(saved)
         resumed = trainer_for(os.path.join(tmp, "run"))
         resumed.train(resume_from_checkpoint=os.path.join(tmp, "run", "checkpoint-2"))
         result["resumed_losses"] = losses(resumed)
         result["resume_max_loss_difference"] = max(
             abs(a - b) for a, b in zip(result["losses"], result["resumed_losses"], strict=True))
         if trainer.args.process_index == 0:
-            saved = os.path.join(tmp, "student")
-            result["saved_files"] = sorted(os.listdir(saved))
-            result["saved_keys_with_heads"] = [
-                k for k in load_file(os.path.join(saved, "model.safetensors")) if k.startswith(("fusion.", "fdp_"))]
-            student = AutoModelForImageClassification.from_pretrained(saved).to(cli.device).eval()
-            with torch.no_grad():
-                result["saved_student_logits_finite"] = bool(
-                    torch.isfinite(student(data.pixel_values[:4].to(cli.device)).logits).all())
             Path(out_path).write_text(json.dumps(result, indent=1))
+
+
+def check_saved_student(saved: str, cli) -> dict:
+    """What ``save_model`` wrote: the student's files alone, loadable by Auto, with finite logits."""
+    keys = load_file(os.path.join(saved, "model.safetensors")).keys()
+    student = AutoModelForImageClassification.from_pretrained(saved).to(cli.device).eval()
+    with torch.no_grad():
+        logits = student(synthetic_images(4, cli.image_size).pixel_values.to(cli.device)).logits
+    return {
+        "saved_files": sorted(os.listdir(saved)),
+        "saved_keys_with_heads": [k for k in keys if k.startswith(("fusion.", "fdp_"))],
+        "saved_student_logits_finite": bool(torch.isfinite(logits).all()),
+    }
 
 
 def run_engine(engine: str, cli) -> dict:
@@ -246,10 +258,19 @@ def run_engine(engine: str, cli) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                    __file__, out_path, "--engine-worker", engine, "--batch-sizes", str(min(cli.batch_sizes[0], 32)),
                    "--image-size", str(cli.image_size), "--device", cli.device]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=cli.engine_timeout)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=cli.engine_timeout)
+        except subprocess.TimeoutExpired as timeout:
+            return {"engine": engine, "error": f"timed out after {cli.engine_timeout} s",
+                    "stderr_tail": (timeout.stderr or b"")[-3000:].decode(errors="replace")}
         if done.returncode != 0:
-            return {"engine": engine, "error": f"exit {done.returncode}", "stderr_tail": done.stderr[-4000:]}
-        return json.loads(Path(out_path).read_text())
+            # The first frames name the failing call; the last lines name the error.
+            error_lines = [line for line in done.stderr.splitlines() if "Error" in line or "File \"/" in line]
+            return {"engine": engine, "error": f"exit {done.returncode}", "stderr_frames": error_lines[:40],
+                    "stderr_tail": done.stderr[-3000:]}
+        result = json.loads(Path(out_path).read_text())
+        result.update(check_saved_student(os.path.join(tmp, f"{engine}_student"), cli))
+        return result
 
 
 def markdown(report: dict) -> str:
@@ -275,11 +296,14 @@ def markdown(report: dict) -> str:
             f"{run['ms_per_step']:.1f} | 1.00x | | {run['peak_memory_gib']} |"
         )
     for engine in report.get("engines", []):
-        lines += ["", f"{engine['engine']}: " + json.dumps({k: v for k, v in engine.items() if k != "engine"})]
+        shown = {k: v for k, v in engine.items() if k not in ("engine", "stderr_tail", "stderr_frames")}
+        if "stderr_frames" in engine:
+            shown["last_frames"] = engine["stderr_frames"][-6:]
+        lines += ["", f"{engine['engine']}: " + json.dumps(shown)]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="where to write the JSON results (the table goes to the same name with .md)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -292,7 +316,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--engine-timeout", type=int, default=240, help="seconds for each engine's run")
     parser.add_argument("--engine-worker", choices=list(ENGINES), help=argparse.SUPPRESS)
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     if cli.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "gpu_check.py needs a CUDA GPU and torch.cuda.is_available() is False "
@@ -301,7 +325,7 @@ def main() -> None:
         )
     if cli.engine_worker:
         engine_worker(cli.engine_worker, cli.out, cli)
-        return
+        return {}
 
     torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
@@ -332,9 +356,11 @@ def main() -> None:
         report["engines"].append(run_engine(engine, cli))
         print(json.dumps(report["engines"][-1]), flush=True)
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    Path(cli.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cli.out).write_text(json.dumps(report, indent=1))
     Path(cli.out).with_suffix(".md").write_text(markdown(report))
     print(f"wrote {cli.out} in {report['wall_s']} s")
+    return report
 
 
 if __name__ == "__main__":

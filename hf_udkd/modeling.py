@@ -117,6 +117,12 @@ class DistillationModel(nn.Module):
             logit_weight: a schedule factor on ``loss_logit`` (DKD's warm-up).
         """
         args = self.args
+        # DeepSpeed's bf16/fp16 modes cast the module itself instead of autocasting: its inputs must follow.
+        # Under autocast the parameters stay float32 and these are no-ops.
+        dtype = next(self.parameters()).dtype
+        pixel_values = pixel_values.to(dtype)
+        if teacher_features is not None:
+            teacher_features = teacher_features.to(dtype)
         needs_stages = self.fdp_student is not None and labels is not None
         if needs_stages:
             tapped = self.student_tap(self.student, pixel_values)

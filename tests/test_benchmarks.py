@@ -40,3 +40,18 @@ def test_bench_speed_quick_run_reports_every_configuration(tmp_path):
     }
     table = (tmp_path / "speed_cpu_quick.md").read_text()
     assert f"| UniKD, aff_channels={bench.DEFAULT_WIDTH} (default) |" in table and "teacher cache filled" in table
+
+
+def test_gpu_check_runs_on_cpu_and_writes_its_table(tmp_path):
+    """benchmarks/gpu_check.py is run on lent GPUs only; its CPU smoke mode keeps the script working."""
+    gpu_check = load_script("benchmarks/gpu_check.py")
+    out = tmp_path / "gpu_check.json"
+    report = gpu_check.main([str(out), "--device", "cpu", "--image-size", "64", "--batch-sizes", "4",
+                             "--warmup", "1", "--steps", "1", "--workers", "0", "--precisions", "fp32", "--engines"])
+    assert json.loads(out.read_text()) == report
+    runs = {run["mode"]: run for run in report["runs"]}
+    assert set(runs) == set(gpu_check.MODES)
+    assert all(run["loss_finite"] and run["images_per_s"] > 0 for run in runs.values())
+    assert runs["unikd"]["teacher_trainable"] is False and "teacher_device" not in runs["student_only"]
+    table = out.with_suffix(".md").read_text()
+    assert "| fp32 | 4 | unikd |" in table and "| fp32 | 4 | student_only |" in table

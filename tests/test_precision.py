@@ -83,3 +83,20 @@ def test_float32_teacher_under_bf16_keeps_float32(tmp_path, digits, resnet_teach
     teacher_convs = _record_dtypes(teacher.resnet.encoder.stages[-1])
     trainer.train()
     assert teacher_convs and set(teacher_convs) == {torch.float32}
+
+
+def test_distiller_cast_to_bf16_takes_float32_inputs(tmp_path, digits, resnet_teacher, resnet_student):
+    """DeepSpeed's bf16 mode casts the whole distiller to bf16 (no autocast): float32 images and teacher
+    features from the data and the teacher must still go through, and the loss terms stay float32."""
+    train, _ = digits
+    trainer = UDKDTrainer(model=resnet_student, teacher_model=resnet_teacher, args=_args(tmp_path), train_dataset=train)
+    distiller = trainer.model.to(torch.bfloat16)
+    pixel_values, labels = train.pixel_values[:8], train.labels[:8]
+    teacher_logits, teacher_features = trainer._teacher_outputs(pixel_values)
+    assert pixel_values.dtype == teacher_features.dtype == torch.float32
+    output = distiller(pixel_values, labels, teacher_logits, teacher_features)
+    for name in ("loss", "loss_ce", "loss_logit", "loss_feat", "loss_supp"):
+        value = getattr(output, name)
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+    output.loss.backward()
+    assert distiller.fdp_teacher.mu.weight.grad.dtype == torch.bfloat16
