@@ -194,6 +194,7 @@ class UDKDTrainer(Trainer):
         # Each process draws its own FDP noise.
         distiller.noise.seed = args.seed + args.process_index
         self.teacher_tap = teacher_tap
+        self._match_buffers_to_sharded_precision(distiller)
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
         self._checked_finite = False
@@ -210,6 +211,24 @@ class UDKDTrainer(Trainer):
         logger.info(f"UniKD student stages: {student_tap.describe()}")
         if teacher_tap is not None:
             logger.info(f"UniKD teacher tap (FDP_t): {teacher_tap.describe()}")
+
+    def _match_buffers_to_sharded_precision(self, distiller: nn.Module) -> None:
+        """FSDP2's mixed precision and DeepSpeed's bf16/fp16 compute with parameters cast to the half type but
+        leave buffers as they are; BatchNorm then meets bf16 weights and float32 running statistics, which it
+        rejects. Buffers are given the parameters' compute dtype (DeepSpeed's ``data_types.buffer_dtype``, set
+        here unless the config sets it; FSDP2 has no such option, so they are cast before wrapping)."""
+        if self.is_deepspeed_enabled:
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            half = next((name for name in ("bf16", "fp16") if config.get(name, {}).get("enabled") is True), None)
+            if half is not None:
+                config.setdefault("data_types", {}).setdefault("buffer_dtype", half)
+        elif self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+            policy = self.accelerator.state.fsdp_plugin.mixed_precision_policy
+            dtype = getattr(policy, "param_dtype", None)
+            if dtype is not None:
+                for buffer in distiller.buffers():
+                    if buffer.is_floating_point():
+                        buffer.data = buffer.data.to(dtype)
 
     # ---- teacher -------------------------------------------------------------------------------------------
 
