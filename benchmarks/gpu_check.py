@@ -244,10 +244,12 @@ def check_saved_student(saved: str, cli) -> dict:
     keys = load_file(os.path.join(saved, "model.safetensors")).keys()
     student = AutoModelForImageClassification.from_pretrained(saved).to(cli.device).eval()
     with torch.no_grad():
-        logits = student(synthetic_images(4, cli.image_size).pixel_values.to(cli.device)).logits
+        # A ZeRO-3 save holds the 16-bit weights, which from_pretrained keeps.
+        logits = student(synthetic_images(4, cli.image_size).pixel_values.to(cli.device, student.dtype)).logits
     return {
         "saved_files": sorted(os.listdir(saved)),
         "saved_keys_with_heads": [k for k in keys if k.startswith(("fusion.", "fdp_"))],
+        "saved_student_dtype": str(student.dtype),
         "saved_student_logits_finite": bool(torch.isfinite(logits).all()),
     }
 
