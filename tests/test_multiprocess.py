@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_train.py"
 ONE_PROCESS_JOBS = ["kd", "unikd_exact", "unikd_exact_ga", "unikd"]
-TWO_PROCESS_JOBS = [*ONE_PROCESS_JOBS, "unikd_resnet", "unikd_fsdp"]
+TWO_PROCESS_JOBS = [*ONE_PROCESS_JOBS, "unikd_resnet", "unikd_fsdp", "unikd_fsdp_bf16"]
 
 
 def _launch(command: list[str], out_dir: Path, **env_overrides: str) -> None:
@@ -148,6 +148,16 @@ def test_fsdp_shards_student_and_heads_and_trains_like_one_process(one, two):
     torch.testing.assert_close(fsdp["train_losses"], one["unikd_exact"]["train_losses"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fsdp["eval"], one["unikd_exact"]["eval"], rtol=1e-4, atol=1e-4)
     _assert_same_weights(one.weights("unikd_exact"), two.weights("unikd_fsdp"))
+
+
+def test_fsdp_bf16_trains_a_batchnorm_student(two):
+    """Under FSDP2's bf16 mixed precision the ResNet student (BatchNorm) and the heads train, sharded, with
+    finite losses of the one-process scale."""
+    fsdp = two["unikd_fsdp_bf16"]
+    assert fsdp["distributed_type"] == "DistributedType.FSDP"
+    assert fsdp["sharded_parameters"] == fsdp["parameters"] > 0
+    for loss_bf16, loss in zip(fsdp["train_losses"], two["unikd_resnet"]["train_losses"], strict=True):
+        assert 0.8 < loss_bf16 / loss < 1.25
 
 
 def test_fsdp_checkpoint_resumes_exactly(two):
