@@ -119,10 +119,9 @@ class DistillationModel(nn.Module):
         args = self.args
         # DeepSpeed's bf16/fp16 modes cast the module itself instead of autocasting: its inputs must follow.
         # Under autocast the parameters stay float32 and these are no-ops.
-        dtype = next(self.parameters()).dtype
-        pixel_values = pixel_values.to(dtype)
-        if teacher_features is not None:
-            teacher_features = teacher_features.to(dtype)
+        pixel_values = pixel_values.to(next(self.student.parameters()).dtype)
+        if teacher_features is not None and self.fdp_teacher is not None:
+            teacher_features = teacher_features.to(self.fdp_teacher.mu.weight.dtype)
         needs_stages = self.fdp_student is not None and labels is not None
         if needs_stages:
             tapped = self.student_tap(self.student, pixel_values)

@@ -432,7 +432,8 @@ class UDKDTrainer(Trainer):
     def _load_student_and_heads(self, checkpoint: str, model: nn.Module) -> None:
         distiller = self.accelerator.unwrap_model(model)
         student = distiller.student
-        if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+        weight_files = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+        if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in weight_files):
             raise ValueError(f"no {SAFE_WEIGHTS_NAME} in {checkpoint}: not a checkpoint written by UDKDTrainer")
         if isinstance(student, PreTrainedModel):
             # save_pretrained writes the checkpoint format, whose parameter names can differ from the module's
