@@ -429,14 +429,16 @@ def train_or_load_teacher(
     """
     teacher_dir = os.path.join(training_args.output_dir, "teacher")
     if os.path.isfile(os.path.join(teacher_dir, "config.json")):
-        print(f"Reusing the teacher trained by an earlier run in {teacher_dir}")
+        if training_args.process_index == 0:
+            print(f"Reusing the teacher trained by an earlier run in {teacher_dir}")
         teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
         check_teacher_labels(teacher, names, teacher_dir)
         return teacher, teacher_dir
     if "train" not in dataset:
         raise ValueError("no teacher was given and there is no training split to train one: pass --train_dir")
-    print(f"No --teacher_model_name_or_path: training a ResNet teacher for {model_args.teacher_num_train_epochs:g} "
-          f"epochs first (saved in {teacher_dir}, reused next time)")
+    if training_args.process_index == 0:
+        print(f"No --teacher_model_name_or_path: training a ResNet teacher for "
+              f"{model_args.teacher_num_train_epochs:g} epochs first (saved in {teacher_dir}, reused next time)")
     torch.manual_seed(training_args.seed)
     teacher = AutoModelForImageClassification.from_config(
         ResNetConfig(**DEFAULT_TEACHER, layer_type="basic", **label_kwargs(names))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +129,14 @@ class UDKDTrainingArguments(TrainingArguments):
             raise ValueError(f"aff_channels must be at least 1, got {self.aff_channels}")
         if self.teacher_cache_dir is not None and not self.teacher_cache:
             raise ValueError("teacher_cache_dir is set but teacher_cache is False: set teacher_cache=True to use it")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size == 1 and not self.deepspeed:
+            # accelerate finds no GPU for them and runs every process alone, all writing one output_dir.
+            raise ValueError(
+                f"{launched} processes were launched (WORLD_SIZE={launched}) but each would train alone on all the "
+                "data: there is no GPU for them. Pass --use_cpu (use_cpu=True) to train them together on the CPU, "
+                "or launch one process."
+            )
 
     def resolved_teacher_dtype(self, loaded: torch.dtype) -> torch.dtype:
         """The dtype the teacher runs in, given the dtype it was loaded in."""

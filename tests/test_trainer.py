@@ -284,3 +284,11 @@ def test_load_best_model_at_end_restores_student_and_heads(tmp_path, resnet_teac
     model_state = trainer.model.state_dict()
     for name, value in saved_heads.items():
         torch.testing.assert_close(model_state[name], value, msg=name)
+
+
+def test_processes_launched_without_a_gpu_and_without_use_cpu_are_refused(tmp_path, monkeypatch):
+    """torchrun on a CPU-only machine without --use_cpu: accelerate would run each process alone, so the
+    arguments refuse it before anything (a teacher's training, the probe) runs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="use_cpu"):
+        make_args(tmp_path, use_cpu=False)
