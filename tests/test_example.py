@@ -275,3 +275,27 @@ def test_builtin_default_run_end_to_end_in_a_subprocess(example, tmp_path):
     assert teacher_dir == str(out / "teacher")
     for a, b in zip(reused.parameters(), teacher.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_builtin_default_run_under_torchrun_with_two_cpu_processes(example, tmp_path):
+    """The README's torchrun command, on CPU (--use_cpu): the two processes split the data, and one summary,
+    one teacher and one student are written."""
+    out = tmp_path / "run"
+    argv = [
+        "--output_dir", str(out), "--max_train_samples", "256", "--max_eval_samples", "128",
+        "--num_train_epochs", "1", "--teacher_num_train_epochs", "1", "--disable_tqdm", "true", "--use_cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*torchrun, str(SCRIPT), *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("UniKD distillation summary") == 1
+    assert result.stdout.count("training a ResNet teacher") == 1
+    per_device = example.parse_arguments(argv)[2].per_device_train_batch_size
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == -(-256 // (2 * per_device))  # each step consumed both processes' batches
+    assert (out / "teacher" / "model.safetensors").is_file()
+    AutoModelForImageClassification.from_pretrained(out)
