@@ -52,7 +52,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_udkd import UDKDTrainer, UDKDTrainingArguments
+from hf_udkd import UDKDTrainer, UDKDTrainingArguments, whole_model_loading
 from hf_udkd.data import load_animal_mnist
 from hf_udkd.image_processing import ImageClassificationTransform, collate_image_classification
 from hf_udkd.metrics import load_accuracy
@@ -431,7 +431,8 @@ def train_or_load_teacher(
     if os.path.isfile(os.path.join(teacher_dir, "config.json")):
         if training_args.process_index == 0:
             print(f"Reusing the teacher trained by an earlier run in {teacher_dir}")
-        teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
+        with whole_model_loading():
+            teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
         check_teacher_labels(teacher, names, teacher_dir)
         return teacher, teacher_dir
     if "train" not in dataset:
@@ -440,9 +441,10 @@ def train_or_load_teacher(
         print(f"No --teacher_model_name_or_path: training a ResNet teacher for "
               f"{model_args.teacher_num_train_epochs:g} epochs first (saved in {teacher_dir}, reused next time)")
     torch.manual_seed(training_args.seed)
-    teacher = AutoModelForImageClassification.from_config(
-        ResNetConfig(**DEFAULT_TEACHER, layer_type="basic", **label_kwargs(names))
-    )
+    with whole_model_loading():
+        teacher = AutoModelForImageClassification.from_config(
+            ResNetConfig(**DEFAULT_TEACHER, layer_type="basic", **label_kwargs(names))
+        )
     trainer = Trainer(
         model=teacher,
         args=side_arguments(training_args, teacher_dir, num_train_epochs=model_args.teacher_num_train_epochs),
@@ -452,7 +454,10 @@ def train_or_load_teacher(
     )
     trainer.train()
     trainer.save_model(teacher_dir)
-    return teacher, teacher_dir
+    trainer.accelerator.wait_for_everyone()
+    # Loaded back as a later run would: under DeepSpeed ZeRO-3 the trained module holds only partitions.
+    with whole_model_loading():
+        return AutoModelForImageClassification.from_pretrained(teacher_dir), teacher_dir
 
 
 def main(argv: list[str] | None = None) -> RunSummary:
@@ -506,7 +511,9 @@ def main(argv: list[str] | None = None) -> RunSummary:
                 dataset["validation"].shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
             )
 
-    student, image_processor = load_student(model_args, names)
+    # Whole models even under ZeRO-3 (see whole_model_loading); DeepSpeed partitions them when training starts.
+    with whole_model_loading():
+        student, image_processor = load_student(model_args, names)
 
     def make_transforms(teacher_processor: Any | None) -> tuple[ImageClassificationTransform, ...]:
         common = {
@@ -522,9 +529,10 @@ def main(argv: list[str] | None = None) -> RunSummary:
         )
 
     if model_args.teacher_model_name_or_path is not None:
-        teacher = AutoModelForImageClassification.from_pretrained(
-            model_args.teacher_model_name_or_path, **hub_kwargs(model_args, student=False)
-        )
+        with whole_model_loading():
+            teacher = AutoModelForImageClassification.from_pretrained(
+                model_args.teacher_model_name_or_path, **hub_kwargs(model_args, student=False)
+            )
         teacher_dir = model_args.teacher_model_name_or_path
         check_teacher_labels(teacher, names, teacher_dir)
         teacher_processor = load_teacher_image_processor(model_args, image_processor)

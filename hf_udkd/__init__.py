@@ -3,7 +3,7 @@
 from .config import UDKDTrainingArguments
 from .modeling import DistillationModel, DistillationOutput
 from .taps import FeatureTap, StageInfo
-from .trainer import UDKDTrainer
+from .trainer import UDKDTrainer, whole_model_loading
 
 __version__ = "0.1.0"
 
@@ -14,4 +14,5 @@ __all__ = [
     "StageInfo",
     "UDKDTrainer",
     "UDKDTrainingArguments",
+    "whole_model_loading",
 ]

@@ -80,7 +80,8 @@ def display_name(model: nn.Module) -> str:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """All parameters of ``model``, also when DeepSpeed ZeRO-3 holds only this process's partition of each."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def quality_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from accelerate.state import AcceleratorState
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -81,6 +82,30 @@ def _whole_weights(model: nn.Module) -> contextlib.AbstractContextManager:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+@contextlib.contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """Models built or loaded inside this block have whole weights, even when ZeRO-3 arguments exist.
+
+    Once a ZeRO-3 configuration is active, transformers partitions every model as it is created
+    (``deepspeed.zero.Init``), and its weight initialisation then fails for composite models such as
+    ``ResNetForImageClassification`` ("Fan in and fan out can not be computed for tensor with fewer than 2
+    dimensions"; huggingface/transformers PR 47297). UDKDTrainer does not need models partitioned at creation:
+    DeepSpeed partitions the student when training starts and the teacher in its own inference engine.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = reference() if reference is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
@@ -174,6 +199,10 @@ class UDKDTrainer(Trainer):
                 ) from None
             # Only the chosen stage is read from the teacher at train time.
             teacher_tap = FeatureTap([teacher_stage.layer], [teacher_stage], teacher_tap.num_labels)
+        if getattr(args, "deepspeed_plugin", None) is not None:
+            # A Trainer that ran before in this process (a teacher's, say) left its DeepSpeed state, and accelerate
+            # refuses a second one; transformers resets it the same way between hyperparameter-search trials.
+            AcceleratorState._reset_state()
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         set_seed(args.seed)
         distiller = DistillationModel(student, student_tap, teacher_tap.stages[0] if teacher_tap else None, args)

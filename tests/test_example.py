@@ -299,3 +299,29 @@ def test_builtin_default_run_under_torchrun_with_two_cpu_processes(example, tmp_
     assert state["global_step"] == -(-256 // (2 * per_device))  # each step consumed both processes' batches
     assert (out / "teacher" / "model.safetensors").is_file()
     AutoModelForImageClassification.from_pretrained(out)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_builtin_default_run_under_accelerate_launch_with_the_zero3_config(tmp_path):
+    """examples/accelerate_configs/deepspeed_zero3.yaml as the README launches it, on the CPU (DS_ACCELERATOR=cpu,
+    no mixed precision, which DeepSpeed refuses there): a teacher is trained, loaded back and partitioned, the
+    student distilled, and the saved student is whole and clean."""
+    out = tmp_path / "run"
+    argv = [
+        "--output_dir", str(out), "--max_train_samples", "256", "--max_eval_samples", "128",
+        "--num_train_epochs", "1", "--teacher_num_train_epochs", "1", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "examples" / "accelerate_configs" / "deepspeed_zero3.yaml"), "--num_processes", "1",
+              "--mixed_precision", "no"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([*launch, str(SCRIPT), *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    student = AutoModelForImageClassification.from_pretrained(out)
+    teacher = AutoModelForImageClassification.from_pretrained(out / "teacher")
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    # Counted whole although ZeRO-3 held only partitions when the script counted them.
+    assert f"({count(teacher):,} parameters)" in result.stdout and f"({count(student):,} parameters)" in result.stdout
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
