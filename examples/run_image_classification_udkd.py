@@ -47,7 +47,6 @@ from transformers import (
     HfArgumentParser,
     PreTrainedModel,
     ResNetConfig,
-    Trainer,
     ViTImageProcessor,
 )
 from transformers.trainer_utils import get_last_checkpoint
@@ -445,7 +444,8 @@ def train_or_load_teacher(
         teacher = AutoModelForImageClassification.from_config(
             ResNetConfig(**DEFAULT_TEACHER, layer_type="basic", **label_kwargs(names))
         )
-    trainer = Trainer(
+    # UDKDTrainer without a teacher trains with cross-entropy alone, under the same engines and precisions.
+    trainer = UDKDTrainer(
         model=teacher,
         args=side_arguments(training_args, teacher_dir, num_train_epochs=model_args.teacher_num_train_epochs),
         train_dataset=dataset["train"].with_transform(transforms[0]),
