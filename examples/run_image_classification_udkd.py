@@ -245,6 +245,11 @@ def parse_arguments(
 
 def _defaults(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict[str, Any]:
     defaults: dict[str, Any] = {}
+    # Under `accelerate launch` with mixed_precision in its config, the Trainer's flag must say the same
+    # (DeepSpeed refuses to start otherwise); --bf16/--fp16 given explicitly still win.
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision in ("bf16", "fp16"):
+        defaults[precision] = True
     if model_args.uses_builtin_student:
         defaults.update(SCRATCH_TRAINING_DEFAULTS)
     if data_args.uses_builtin_data:

@@ -91,6 +91,14 @@ class DistillationModel(nn.Module):
         """The student's config, for the parts of the Trainer that read ``model.config``."""
         return self.student.config
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The student's blocks, which FSDP's transformer-based wrap policy shards one by one (accelerate reads
+        this from the wrapped model); only those present, since accelerate fails on a name it cannot find."""
+        names = getattr(self.student, "_no_split_modules", None) or []
+        present = {type(module).__name__ for module in self.student.modules()}
+        return [name for name in names if name in present]
+
     def _student_feature(self, stages: list[torch.Tensor]) -> torch.Tensor:
         if self.fusion is None:
             return stages[-1]

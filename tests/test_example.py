@@ -93,6 +93,15 @@ def test_builtin_defaults_apply_only_when_nothing_is_named_and_yield_to_explicit
     assert args.num_train_epochs == 2 and args.temperature == 2.0 and args.do_train
 
 
+def test_mixed_precision_of_an_accelerate_config_becomes_the_default(example, tmp_path, monkeypatch):
+    """`accelerate launch` with mixed_precision: bf16 sets ACCELERATE_MIXED_PRECISION; the Trainer's --bf16 must
+    agree (DeepSpeed refuses a mismatch), unless the command line says otherwise."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    common = ["--output_dir", str(tmp_path), "--use_cpu"]
+    assert example.parse_arguments(common)[2].bf16
+    assert not example.parse_arguments([*common, "--bf16", "false"])[2].bf16
+
+
 # ---- data -------------------------------------------------------------------------------------------------
 
 

@@ -145,6 +145,8 @@ def test_fsdp_shards_student_and_heads_and_trains_like_one_process(one, two):
     assert fsdp["distributed_type"] == "DistributedType.FSDP"
     assert fsdp["distiller_type"] == "FSDPDistillationModel"
     assert fsdp["sharded_parameters"] == fsdp["parameters"] > 0
+    # transformers' default wrap policy (transformer-based) shards each of the student's blocks on its own.
+    assert fsdp["fsdp_units"] == ["FSDPDistillationModel", "FSDPViTEmbeddings", "FSDPViTLayer"]
     torch.testing.assert_close(fsdp["train_losses"], one["unikd_exact"]["train_losses"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fsdp["eval"], one["unikd_exact"]["eval"], rtol=1e-4, atol=1e-4)
     _assert_same_weights(one.weights("unikd_exact"), two.weights("unikd_fsdp"))
@@ -156,6 +158,7 @@ def test_fsdp_bf16_trains_a_batchnorm_student(two):
     fsdp = two["unikd_fsdp_bf16"]
     assert fsdp["distributed_type"] == "DistributedType.FSDP"
     assert fsdp["sharded_parameters"] == fsdp["parameters"] > 0
+    assert "FSDPResNetConvLayer" in fsdp["fsdp_units"]
     for loss_bf16, loss in zip(fsdp["train_losses"], two["unikd_resnet"]["train_losses"], strict=True):
         assert 0.8 < loss_bf16 / loss < 1.25
 

@@ -248,6 +248,8 @@ def run_job(name: str, out_dir: Path, train, validation, teacher_logits: torch.T
         "noise_draws": _gather(draw),
         "distiller_type": type(trainer.model).__name__,
         "sharded_parameters": sharded,
+        # Modules with their own FSDP group: the root, and the student's blocks under the default wrap policy.
+        "fsdp_units": sorted({type(m).__name__ for m in trainer.model.modules() if type(m).__name__.startswith("FSDP")}),
         "zero3_partitioned_parameters": sum(hasattr(p, "ds_id") for p in distiller.parameters()),
         "accelerate_num_processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
