@@ -289,14 +289,11 @@ def markdown(report: dict) -> str:
     runs = report["runs"]
     for run in runs:
         same = {r["mode"]: r for r in runs if (r["precision"], r["batch_size"]) == (run["precision"], run["batch_size"])}
-        vs_student = run["ms_per_step"] / same["student_only"]["ms_per_step"] if "student_only" in same else None
-        vs_kd = run["ms_per_step"] / same["logit_kd"]["ms_per_step"] if "logit_kd" in same else None
+        vs_student = run["ms_per_step"] / same["student_only"]["ms_per_step"]
+        vs_kd = "" if run["mode"] == "student_only" else f"{run['ms_per_step'] / same['logit_kd']['ms_per_step']:.2f}x"
         lines.append(
             f"| {run['precision']} | {run['batch_size']} | {run['mode']} | {run['images_per_s']:,.0f} | "
-            f"{run['ms_per_step']:.1f} | {vs_student:.2f}x | {vs_kd:.2f}x | {run['peak_memory_gib']} |"
-            if run["mode"] != "student_only"
-            else f"| {run['precision']} | {run['batch_size']} | {run['mode']} | {run['images_per_s']:,.0f} | "
-            f"{run['ms_per_step']:.1f} | 1.00x | | {run['peak_memory_gib']} |"
+            f"{run['ms_per_step']:.1f} | {vs_student:.2f}x | {vs_kd} | {run['peak_memory_gib']} |"
         )
     for engine in report.get("engines", []):
         shown = {k: v for k, v in engine.items() if k not in ("engine", "stderr_tail", "stderr_frames")}
