@@ -281,13 +281,13 @@ def component_flops(runner: Runner, aff_runners: dict[int, Runner]) -> dict[str,
     pixel_values = batch["pixel_values"]
     flops: dict[str, int] = {}
     with torch.no_grad(), trainer.accelerator.autocast():
-        flops["teacher_forward"] = count_flops(lambda: trainer._teacher_outputs(pixel_values))
+        flops["teacher_forward"] = count_flops(lambda: trainer.teacher.outputs(pixel_values))
         flops["student_forward"] = count_flops(lambda: distiller.student(pixel_values=pixel_values))
         for width, aff_runner in sorted(aff_runners.items(), reverse=True):
             aff = trainer.accelerator.unwrap_model(aff_runner.model)
             stages = aff.student_tap(aff.student, pixel_values).stages
             flops[f"aff_forward_m{width}"] = count_flops(lambda aff=aff, stages=stages: aff._student_feature(stages))
-        logits, pooled = trainer._teacher_outputs(pixel_values)
+        logits, pooled = trainer.teacher.outputs(pixel_values)
         default = trainer.accelerator.unwrap_model(aff_runners[DEFAULT_WIDTH].model)
         fused = default._student_feature(default.student_tap(default.student, pixel_values).stages)
         flops["fdp_heads_forward"] = count_flops(lambda: (default.fdp_student(fused), default.fdp_teacher(pooled)))
@@ -314,7 +314,7 @@ def benchmark_pair(name: str, teacher_config, student_config, dataset: PixelValu
         cached = by_name["unikd_cached"]
         hook = cached.teacher.register_forward_pre_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
         jobs: list[tuple[str, Callable[[], None]]] = [(r.setting.name, r.step) for r in runners]
-        jobs.append(("teacher_forward", lambda: kd.trainer._teacher_outputs(teacher_input)))
+        jobs.append(("teacher_forward", lambda: kd.trainer.teacher.outputs(teacher_input)))
         cached_calls = 0
         total_rounds = options.warmup + options.steps
         start = time.perf_counter()
@@ -370,7 +370,7 @@ def benchmark_pair(name: str, teacher_config, student_config, dataset: PixelValu
         "pair": name,
         "teacher": describe(teacher, teacher_config),
         "student": describe(student, student_config),
-        "teacher_tap": kd.trainer.teacher_tap.describe(),
+        "teacher_tap": kd.trainer.teacher.tap.describe(),
         "student_stages": kd.trainer.accelerator.unwrap_model(kd.model).student_tap.describe(),
         "rows": rows,
         "teacher_forward_ms": teacher_ms,

@@ -3,7 +3,8 @@
 from .config import UDKDTrainingArguments
 from .modeling import DistillationModel, DistillationOutput
 from .taps import FeatureTap, StageInfo
-from .trainer import UDKDTrainer, whole_model_loading
+from .teacher import whole_model_loading
+from .trainer import UDKDTrainer
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ import torch
 from torchvision import transforms as T
 from transformers.utils import logging
 
-from .trainer import TEACHER_INPUT
+from .constants import TEACHER_INPUT
 
 logger = logging.get_logger(__name__)
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .constants import INDEX_KEY
+
 logger = logging.get_logger(__name__)
 
-INDEX_KEY = "udkd_index"
 # Keys whose values must repeat exactly for the cached teacher outputs to stay valid.
 _INPUT_KEYS = ("pixel_values", "teacher_pixel_values")
 

@@ -2,110 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from accelerate.state import AcceleratorState
 from huggingface_hub.errors import HfHubHTTPError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    AutoModelForImageClassification,
-    PreTrainedModel,
-    Trainer,
-    TrainerCallback,
-    set_seed,
-)
+from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import EvalPrediction
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+from transformers.utils import logging
 from transformers.utils.hub import hf_api
 
-from . import model_card
+from . import checkpoint, model_card
 from .config import UDKDTrainingArguments
+from .constants import INDEX_KEY, TEACHER_INPUT
 from .modeling import LOSS_TERMS, DistillationModel
 from .taps import FeatureTap
-from .teacher_cache import INDEX_KEY, IndexedCollator, IndexedDataset, TeacherCache, build_teacher_cache
+from .teacher import Teacher, check_same_labels, load_model, whole_weights
+from .teacher_cache import IndexedCollator, IndexedDataset, TeacherCache, build_teacher_cache
 
 logger = logging.get_logger(__name__)
-
-HEADS_NAME = "udkd_heads.safetensors"
-NOISE_STATE_NAME = "udkd_noise_{process}.safetensors"
-TEACHER_INPUT = "teacher_pixel_values"
-
-
-def _load(model: str | nn.Module, role: str) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model
-    logger.info(f"Loading the {role} from {model}")
-    return AutoModelForImageClassification.from_pretrained(model, use_safetensors=True)
-
-
-def _label_names(model: nn.Module) -> list[str] | None:
-    """Class names in index order, or None where the config only has transformers' LABEL_i placeholders."""
-    id2label = getattr(getattr(model, "config", None), "id2label", None)
-    if not id2label:
-        return None
-    names = [str(id2label[i]) for i in sorted(id2label)]
-    if names == [f"LABEL_{i}" for i in range(len(names))]:
-        return None
-    return names
-
-
-def _check_same_labels(student: nn.Module, teacher: nn.Module, student_k: int, teacher_k: int) -> None:
-    if student_k != teacher_k:
-        raise ValueError(
-            f"the teacher has {teacher_k} labels and the student {student_k}: distillation needs one label set "
-            "in one order. Load the student with the teacher's labels, e.g. from_pretrained(..., "
-            "num_labels=teacher.config.num_labels, id2label=teacher.config.id2label, "
-            "label2id=teacher.config.label2id, ignore_mismatched_sizes=True)."
-        )
-    student_names, teacher_names = _label_names(student), _label_names(teacher)
-    if student_names is not None and teacher_names is not None and student_names != teacher_names:
-        diff = [(i, s, t) for i, (s, t) in enumerate(zip(student_names, teacher_names, strict=True)) if s != t]
-        raise ValueError(
-            f"the teacher's and the student's id2label differ at (index, student, teacher) {diff[:5]}: the "
-            "logits would be compared class against a different class. Give the student the teacher's "
-            "id2label/label2id (or re-map the dataset labels) before distilling."
-        )
-
-
-def _whole_weights(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Gathers the weights of a model partitioned by DeepSpeed ZeRO-3 (made after the arguments) for a probe."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-@contextlib.contextmanager
-def whole_model_loading() -> Iterator[None]:
-    """Models built or loaded inside this block have whole weights, even when ZeRO-3 arguments exist.
-
-    Once a ZeRO-3 configuration is active, transformers partitions every model as it is created
-    (``deepspeed.zero.Init``), and its weight initialisation then fails for composite models such as
-    ``ResNetForImageClassification`` ("Fan in and fan out can not be computed for tensor with fewer than 2
-    dimensions"; huggingface/transformers PR 47297). UDKDTrainer does not need models partitioned at creation:
-    DeepSpeed partitions the student when training starts and the teacher in its own inference engine.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    reference = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    config = reference() if reference is not None else None
-    if config is None:
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
@@ -178,34 +96,24 @@ class UDKDTrainer(Trainer):
             args = UDKDTrainingArguments(output_dir="tmp_trainer")
         elif not isinstance(args, UDKDTrainingArguments):
             raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
-        student = _load(model, "student")
-        teacher = _load(teacher_model, "teacher") if teacher_model is not None else None
-
+        student = load_model(model, "student")
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
-        with _whole_weights(student):
+        with whole_weights(student):
             student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
-        teacher_tap = None
-        if teacher is not None:
-            teacher_probe = probe.get(TEACHER_INPUT, probe["pixel_values"])
-            with _whole_weights(teacher):
-                teacher_tap = FeatureTap.from_probe(teacher, teacher_probe, args.teacher_layers)
-            _check_same_labels(student, teacher, student_tap.num_labels, teacher_tap.num_labels)
-            try:
-                teacher_stage = teacher_tap.stages[args.teacher_stage]
-            except IndexError:
-                raise ValueError(
-                    f"teacher_stage={args.teacher_stage} but the teacher has {len(teacher_tap.stages)} tapped "
-                    f"layers ({teacher_tap.describe()})"
-                ) from None
-            # Only the chosen stage is read from the teacher at train time.
-            teacher_tap = FeatureTap([teacher_stage.layer], [teacher_stage], teacher_tap.num_labels)
+        teacher = None
+        if teacher_model is not None:
+            teacher = Teacher.from_probe(
+                load_model(teacher_model, "teacher"), probe.get(TEACHER_INPUT, probe["pixel_values"]),
+                args.teacher_layers, args.teacher_stage,
+            )
+            check_same_labels(student, teacher.module, student_tap.num_labels, teacher.num_labels)
         if getattr(args, "deepspeed_plugin", None) is not None:
             # A Trainer that ran before in this process (a teacher's, say) left its DeepSpeed state, and accelerate
             # refuses a second one; transformers resets it the same way between hyperparameter-search trials.
             AcceleratorState._reset_state()
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         set_seed(args.seed)
-        distiller = DistillationModel(student, student_tap, teacher_tap.stages[0] if teacher_tap else None, args)
+        distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
 
         super().__init__(
             model=distiller,
@@ -222,24 +130,27 @@ class UDKDTrainer(Trainer):
         )
         # Each process draws its own FDP noise.
         distiller.noise.seed = args.seed + args.process_index
-        self.teacher_tap = teacher_tap
         self._match_buffers_to_sharded_precision(distiller)
-        self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
+        self.teacher = teacher
+        self.teacher_model = (
+            teacher.prepare(self.accelerator, args, getattr(self.accelerator.state, "deepspeed_plugin", None))
+            if teacher is not None else None
+        )
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
         self._checked_finite = False
         self._saving_checkpoint = False
         self.teacher_cache: TeacherCache | None = None
         if args.teacher_cache:
-            if teacher_tap is None:
+            if teacher is None:
                 raise ValueError("teacher_cache=True caches a teacher's outputs, but no teacher_model was given")
             self.teacher_cache = build_teacher_cache(
-                train_dataset, teacher_tap.stages[0].channels, teacher_tap.num_labels, args.teacher_cache_dir,
+                train_dataset, teacher.stage.channels, teacher.num_labels, args.teacher_cache_dir,
                 args.process_index,
             )
 
         logger.info(f"UniKD student stages: {student_tap.describe()}")
-        if teacher_tap is not None:
-            logger.info(f"UniKD teacher tap (FDP_t): {teacher_tap.describe()}")
+        if teacher is not None:
+            logger.info(f"UniKD teacher tap (FDP_t): {teacher.tap.describe()}")
 
     def _match_buffers_to_sharded_precision(self, distiller: nn.Module) -> None:
         """FSDP2's mixed precision and DeepSpeed's bf16/fp16 compute with parameters cast to the half type but
@@ -258,45 +169,6 @@ class UDKDTrainer(Trainer):
                 for buffer in distiller.buffers():
                     if buffer.is_floating_point():
                         buffer.data = buffer.data.to(dtype)
-
-    # ---- teacher -------------------------------------------------------------------------------------------
-
-    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        loaded_dtype = next(teacher.parameters()).dtype
-        teacher.eval().requires_grad_(False)
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            return self._prepare_zero3_teacher(teacher)
-        # accelerate does not place models under FSDP; the teacher is not sharded there, each device holds it.
-        teacher.to(device=self.args.device, dtype=self.args.resolved_teacher_dtype(loaded_dtype))
-        prepared = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        # accelerate wraps forward in the training's autocast; _teacher_outputs runs it in teacher_dtype instead.
-        return self.accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
-
-    def _prepare_zero3_teacher(self, teacher: nn.Module) -> nn.Module:
-        """The teacher in its own ZeRO-3 inference engine, its weights partitioned like the student's (as TRL's
-        ``prepare_deepspeed`` does); the module is returned, and ZeRO-3's hooks gather its weights per forward."""
-        import deepspeed
-
-        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        # A frozen model needs no optimizer; the batch size and bucket sizes left at "auto" take DeepSpeed's defaults.
-        for key in ("optimizer", "scheduler", "train_batch_size"):
-            config.pop(key, None)
-        config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if v != "auto"}
-        engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        engine.eval()
-        self._teacher_engine = engine
-        return engine.module
-
-    def _teacher_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher logits (B, K) and pooled tap (B, C_T), float32, as normal (not inference) tensors."""
-        dtype = next(self.teacher_model.parameters()).dtype
-        # A float32 teacher runs in float32 even when the student trains under bf16/fp16 autocast.
-        autocast = torch.autocast(self.args.device.type, dtype=dtype, enabled=dtype != torch.float32)
-        with torch.inference_mode(), autocast:
-            tapped = self.teacher_tap(self.teacher_model, pixel_values.to(dtype))
-            logits, pooled = tapped.logits, tapped.stages[0].mean(dim=(-2, -1))
-        # Tensors made in inference mode cannot be saved for backward, and FDP_t learns on `pooled`.
-        return logits.float().clone(), pooled.float().clone()
 
     # ---- loss ----------------------------------------------------------------------------------------------
 
@@ -321,10 +193,10 @@ class UDKDTrainer(Trainer):
         """Teacher logits (B, K) and pooled tap (B, C_T): from the cache in training when it has them."""
         indices = inputs.get(INDEX_KEY)
         if self.teacher_cache is None or not training or indices is None:
-            return self._teacher_outputs(teacher_input)
+            return self.teacher.outputs(teacher_input)
 
         def compute(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._teacher_outputs(teacher_input if rows is None else teacher_input[rows])
+            return self.teacher.outputs(teacher_input if rows is None else teacher_input[rows])
 
         return self.teacher_cache.fetch(indices, compute, teacher_input.device)
 
@@ -440,75 +312,34 @@ class UDKDTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-        prefix = "student."
-        student_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        head_state = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith(prefix)}
-        student = self.student
-        if isinstance(student, PreTrainedModel):
-            student.save_pretrained(output_dir, state_dict=student_state)
-        else:
-            save_file({k: v.contiguous() for k, v in student_state.items()},
-                      os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-        if self._saving_checkpoint and head_state:
-            save_file(head_state, os.path.join(output_dir, HEADS_NAME), metadata={"format": "pt"})
+        student_state, head_state = checkpoint.split_state(state_dict)
+        checkpoint.save_student(self.student, student_state, output_dir)
+        if self._saving_checkpoint:
+            checkpoint.save_heads(head_state, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        # Kept for the Trainer's own resume checks, without the Hub token, which is never written.
-        args = copy.copy(self.args)
-        args.hub_token = None
-        torch.save(args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_student_and_heads(self, checkpoint: str, model: nn.Module) -> None:
-        distiller = self.accelerator.unwrap_model(model)
-        student = distiller.student
-        weight_files = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
-        if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in weight_files):
-            raise ValueError(f"no {SAFE_WEIGHTS_NAME} in {checkpoint}: not a checkpoint written by UDKDTrainer")
-        if isinstance(student, PreTrainedModel):
-            # save_pretrained writes the checkpoint format, whose parameter names can differ from the module's
-            # (transformers v5 renames e.g. ViT's); from_pretrained maps them back.
-            saved = type(student).from_pretrained(checkpoint, config=student.config, dtype=student.dtype,
-                                                 use_safetensors=True)
-            student.load_state_dict(saved.state_dict())
-        else:
-            student.load_state_dict(load_file(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)))
-        heads_file = os.path.join(checkpoint, HEADS_NAME)
-        has_heads = any(not k.startswith("student.") for k in distiller.state_dict())
-        if os.path.isfile(heads_file):
-            result = distiller.load_state_dict(load_file(heads_file), strict=False)
-            if result.unexpected_keys:
-                raise ValueError(
-                    f"{heads_file} holds heads of another configuration ({result.unexpected_keys[:3]}...): "
-                    "resume with the same distillation options"
-                )
-        elif has_heads:
-            logger.warning(f"{checkpoint} has no {HEADS_NAME}: the UniKD heads start from scratch")
+        checkpoint.save_training_args(self.args, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_student_and_heads(resume_from_checkpoint, model if model is not None else self.model)
+        checkpoint.load_student_and_heads(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model))
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_best_model()
         logger.info(f"Loading best model from {self.state.best_model_checkpoint}")
-        self._load_student_and_heads(self.state.best_model_checkpoint, self.model)
+        checkpoint.load_student_and_heads(self.state.best_model_checkpoint, self.accelerator.unwrap_model(self.model))
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        state = self.accelerator.unwrap_model(self.model).noise.get_state()
-        if state is not None:
-            name = NOISE_STATE_NAME.format(process=self.args.process_index)
-            save_file({"state": state.cpu()}, os.path.join(output_dir, name))
+        checkpoint.save_noise_state(self.accelerator.unwrap_model(self.model).noise, output_dir, self.args.process_index)
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, NOISE_STATE_NAME.format(process=self.args.process_index))
-        if os.path.isfile(path):
-            self.accelerator.unwrap_model(self.model).noise.set_state(load_file(path)["state"])
+    def _load_rng_state(self, resume_from: str | None) -> None:
+        super()._load_rng_state(resume_from)
+        if resume_from is not None:
+            checkpoint.load_noise_state(self.accelerator.unwrap_model(self.model).noise, resume_from,
+                                        self.args.process_index)
 
     # ---- model card and Hub --------------------------------------------------------------------------------
 
@@ -528,7 +359,7 @@ class UDKDTrainer(Trainer):
         all_logits, all_labels = [], []
         for inputs in self.get_eval_dataloader(eval_dataset):
             inputs = self._prepare_inputs(inputs)
-            logits, _ = self._teacher_outputs(inputs.get(TEACHER_INPUT, inputs["pixel_values"]))
+            logits, _ = self.teacher.outputs(inputs.get(TEACHER_INPUT, inputs["pixel_values"]))
             labels = inputs["labels"]
             if self.preprocess_logits_for_metrics is not None:
                 logits = self.preprocess_logits_for_metrics(logits, labels)
@@ -594,7 +425,7 @@ class UDKDTrainer(Trainer):
             if task != model_card.PIPELINE_TAG:
                 raise ValueError(f"tasks={tasks!r}: an hf_udkd student is an {model_card.PIPELINE_TAG} model")
         student = self.student
-        teacher = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
+        teacher = self.teacher_model
         dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
         dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
         history = self.state.log_history
@@ -611,7 +442,7 @@ class UDKDTrainer(Trainer):
             distillation=model_card.distillation_settings(
                 self.args,
                 [stage.layer for stage in self.accelerator.unwrap_model(self.model).student_tap.stages],
-                self.teacher_tap.stages[0].layer if self.teacher_tap is not None else None,
+                self.teacher.stage.layer if self.teacher is not None else None,
             ),
             hyperparameters=model_card.training_hyperparameters(self.args, self.state.global_step),
             student_metrics=model_card.last_metrics(history, "eval"),

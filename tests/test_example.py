@@ -238,7 +238,7 @@ def test_script_on_an_imagefolder_with_a_teacher_of_another_input_size(example, 
     summary = example.main(imagefolder_run + ["--skip_bad_images"])
     trainer = summary.trainer
     # The teacher read its own 48 px inputs: its last ResNet stage is 2x2 there, 1x1 at the student's 32 px.
-    teacher_stage = trainer.teacher_tap.stages[0]
+    teacher_stage = trainer.teacher.stage
     assert (teacher_stage.height, teacher_stage.width) == (2, 2)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["teacher_pixel_values"].shape[-2:] == (48, 48) and batch["pixel_values"].shape[-2:] == (32, 32)

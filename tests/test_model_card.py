@@ -142,7 +142,7 @@ def test_model_card_after_distillation(tmp_path, resnet_teacher, resnet_student,
     assert settings["aff_channels"] == 16
     tapped = trainer.accelerator.unwrap_model(trainer.model).student_tap.stages
     assert settings["student_layers"] == [stage.layer for stage in tapped]
-    assert settings["teacher_layer"] == trainer.teacher_tap.stages[0].layer
+    assert settings["teacher_layer"] == trainer.teacher.stage.layer
 
     # The model-index parses with huggingface_hub's own reader; the teacher's score has its own metric type.
     name, results = model_index_to_eval_results(data.to_dict()["model-index"])

@@ -92,7 +92,7 @@ def test_distiller_cast_to_bf16_takes_float32_inputs(tmp_path, digits, resnet_te
     trainer = UDKDTrainer(model=resnet_student, teacher_model=resnet_teacher, args=_args(tmp_path), train_dataset=train)
     distiller = trainer.model.to(torch.bfloat16)
     pixel_values, labels = train.pixel_values[:8], train.labels[:8]
-    teacher_logits, teacher_features = trainer._teacher_outputs(pixel_values)
+    teacher_logits, teacher_features = trainer.teacher.outputs(pixel_values)
     assert pixel_values.dtype == teacher_features.dtype == torch.float32
     output = distiller(pixel_values, labels, teacher_logits, teacher_features)
     for name in ("loss", "loss_ce", "loss_logit", "loss_feat", "loss_supp"):

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments
+from hf_udkd.checkpoint import HEADS_NAME
 from hf_udkd.modeling import LOSS_TERMS
-from hf_udkd.trainer import HEADS_NAME
 
 
 def make_args(tmp_path, **kwargs) -> UDKDTrainingArguments:
@@ -172,7 +172,7 @@ def test_vit_teacher_with_cnn_student(tmp_path, vit_teacher, resnet_student, dig
     trainer = UDKDTrainer(model=resnet_student, teacher_model=vit_teacher,
                           args=make_args(tmp_path, max_steps=3, logging_steps=1), train_dataset=subset(train, 96),
                           eval_dataset=subset(validation, 64))
-    assert trainer.teacher_tap.stages[0].channels == 64 and trainer.teacher_tap.stages[0].height == 8
+    assert trainer.teacher.stage.channels == 64 and trainer.teacher.stage.height == 8
     trainer.train()
     metrics = trainer.evaluate()
     assert all(math.isfinite(metrics[f"eval_{t}"]) for t in LOSS_TERMS)
@@ -196,7 +196,7 @@ def test_timm_pair(tmp_path, digits):
     student = timm.create_model("resnet10t", pretrained=False, num_classes=10)
     trainer = UDKDTrainer(model=student, teacher_model=teacher,
                           args=make_args(tmp_path, max_steps=2, logging_steps=1), train_dataset=subset(train, 64))
-    assert trainer.teacher_tap.stages[0].channels == 512
+    assert trainer.teacher.stage.channels == 512
     trainer.train()
     assert all(math.isfinite(trainer.state.log_history[0][t]) for t in LOSS_TERMS)
     trainer.save_model(str(tmp_path / "final"))

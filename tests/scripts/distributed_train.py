@@ -152,7 +152,7 @@ def _teacher_check(trainer: UDKDTrainer, pixel_values: torch.Tensor, expected: t
     ``expected``, the logits of the original teacher on ``pixel_values``."""
     teacher = trainer.teacher_model
     parameter = next(teacher.parameters())
-    logits, _ = trainer._teacher_outputs(pixel_values.to(trainer.args.device))
+    logits, _ = trainer.teacher.outputs(pixel_values.to(trainer.args.device))
     return {
         "device": str(parameter.device),
         "dtype": str(parameter.dtype),

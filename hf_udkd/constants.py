@@ -1,0 +1,6 @@
+"""Names shared by the data side and the trainer, kept below both so that neither imports the other."""
+
+# An optional batch key: the same images prepared for the teacher when its image processor differs.
+TEACHER_INPUT = "teacher_pixel_values"
+# The batch key of the training example's index, which keys the teacher's stored outputs.
+INDEX_KEY = "udkd_index"
