@@ -20,6 +20,11 @@ class UDKDTrainingArguments(TrainingArguments):
     Parameters:
         temperature (`float`, *optional*, defaults to `4.0`):
             Softmax temperature T of every KL term (T = 1 is used for ImageNet-scale runs).
+        w_ce (`float`, *optional*, defaults to `1.0`):
+            Weight of the cross-entropy term `loss_ce`, the mean over the labelled examples of the batch (labels
+            `-100` are unlabelled and get the distillation terms only; 0 when a batch has none). It uses the
+            Trainer's `label_smoothing_factor`. transformers' distillation guide's `(1 - lambda_param) * CE +
+            lambda_param * KD` is `w_ce = 1 - lambda_param`, `w_logit = lambda_param`.
         w_logit (`float`, *optional*, defaults to `1.0`):
             Weight of the logit distillation term `loss_logit`.
         w_feat (`float`, *optional*, defaults to `1.0`):
@@ -27,9 +32,19 @@ class UDKDTrainingArguments(TrainingArguments):
         w_supp (`float`, *optional*, defaults to `1.0`):
             Weight of the supplementary term `loss_supp`, KL(z_s <- s) + KL(z_t <- t).
         logit_loss (`str`, *optional*, defaults to `"kd"`):
-            `"kd"` (Hinton) or `"dkd"` (Decoupled KD, alpha=1, beta=8, linear warm-up over `dkd_warmup_epochs`).
+            `"kd"` (Hinton) or `"dkd"` (Decoupled KD, `dkd_alpha` * TCKD + `dkd_beta` * NCKD, linear warm-up).
+            DKD needs each example's true class: an unlabelled example (`-100`, or a batch without labels) uses
+            the teacher's prediction instead.
+        dkd_alpha (`float`, *optional*, defaults to `1.0`):
+            DKD's weight of the target-class term (TCKD).
+        dkd_beta (`float`, *optional*, defaults to `8.0`):
+            DKD's weight of the non-target-class term (NCKD).
         dkd_warmup_epochs (`float`, *optional*, defaults to `20.0`):
             Epochs over which the DKD term ramps up linearly from 0.
+        logit_standardization (`bool`, *optional*, defaults to `False`):
+            Z-score each logit vector per example, `(x - mean) / std`, before the temperature softmax of every KL
+            term (KD, DKD, the feature and supplementary terms), teacher and student alike (Sun et al., CVPR
+            2024): the student need not match the teacher's logit scale.
         feature_kl (`str`, *optional*, defaults to `"sampled"`):
             `"sampled"`: softmax KL between sampled z_s and z_t; `"gaussian"`: closed-form KL between the two
             predicted diagonal Gaussians.
@@ -64,14 +79,23 @@ class UDKDTrainingArguments(TrainingArguments):
     """
 
     temperature: float = field(default=4.0, metadata={"help": "Softmax temperature T of every KL term."})
+    w_ce: float = field(
+        default=1.0, metadata={"help": "Weight of the cross-entropy term (mean over the labelled examples)."}
+    )
     w_logit: float = field(default=1.0, metadata={"help": "Weight of the logit distillation term."})
     w_feat: float = field(default=1.0, metadata={"help": "Weight of the feature-distribution KL term."})
     w_supp: float = field(default=1.0, metadata={"help": "Weight of the supplementary KL terms."})
     logit_loss: str = field(
         default="kd", metadata={"help": "Logit distillation loss.", "choices": ["kd", "dkd"]}
     )
+    dkd_alpha: float = field(default=1.0, metadata={"help": "DKD's weight of the target-class term (TCKD)."})
+    dkd_beta: float = field(default=8.0, metadata={"help": "DKD's weight of the non-target-class term (NCKD)."})
     dkd_warmup_epochs: float = field(
         default=20.0, metadata={"help": "Epochs over which the DKD term ramps up linearly from 0."}
+    )
+    logit_standardization: bool = field(
+        default=False,
+        metadata={"help": "Z-score every logit vector before the temperature softmax of each KL term."},
     )
     feature_kl: str = field(
         default="sampled",

@@ -221,8 +221,15 @@ class UDKDTrainer(Trainer):
         pixel_values = inputs["pixel_values"]
         labels = inputs.get("labels")
         teacher_input = inputs.get(TEACHER_INPUT, pixel_values)
+        if labels is None and model.training and self.teacher_model is None:
+            raise ValueError(
+                "the training batch has no 'labels' and there is no teacher: training without a teacher (the "
+                "scratch baseline) needs labels. Add 'labels' to the examples, or pass a teacher_model to distil "
+                "unlabelled images."
+            )
         extra = {}
-        if self.teacher_model is not None and labels is not None:
+        # Training distils every example, labelled or not; evaluation reaches here only with labels.
+        if self.teacher_model is not None and (labels is not None or model.training):
             teacher_logits, teacher_features = self._teacher_outputs_for(inputs, teacher_input, model.training)
             extra = {
                 "teacher_logits": teacher_logits,

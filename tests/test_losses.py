@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from hf_udkd.heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
-from hf_udkd.losses import dkd_loss, gaussian_kl, kd_loss
+from hf_udkd.losses import IGNORE_INDEX, cross_entropy, dkd_loss, gaussian_kl, kd_loss, standardize
 
 torch.manual_seed(0)
 S, T = torch.randn(8, 10), torch.randn(8, 10)
@@ -110,3 +110,60 @@ def test_noise_source_is_seeded_and_restorable():
     # The same draw scaled by the predicted standard deviation, exp(log_var / 2).
     wide = NoiseSource(seed=1).sample(mu, torch.full((4, 10), 4.0))
     torch.testing.assert_close(wide, first * math.exp(2.0))
+
+
+def test_cross_entropy_is_the_mean_over_labelled_examples_and_zero_without_any():
+    labels = LABELS.clone()
+    labels[::2] = IGNORE_INDEX
+    torch.testing.assert_close(cross_entropy(S, labels), F.cross_entropy(S[1::2], LABELS[1::2]))
+    torch.testing.assert_close(
+        cross_entropy(S, labels, label_smoothing=0.1),
+        F.cross_entropy(S[1::2], LABELS[1::2], label_smoothing=0.1),
+    )
+    pulled = S.clone().requires_grad_()
+    none = cross_entropy(pulled, torch.full_like(LABELS, IGNORE_INDEX), label_smoothing=0.1)
+    assert none.item() == 0.0
+    none.backward()
+    assert torch.equal(pulled.grad, torch.zeros_like(S))
+
+
+def test_dkd_takes_the_teachers_prediction_for_unlabelled_examples():
+    unlabelled = torch.full_like(LABELS, IGNORE_INDEX)
+    torch.testing.assert_close(dkd_loss(S, T, unlabelled, 4.0), dkd_loss(S, T, T.argmax(-1), 4.0))
+    mixed = LABELS.clone()
+    mixed[:3] = IGNORE_INDEX
+    expected = LABELS.clone()
+    expected[:3] = T[:3].argmax(-1)
+    torch.testing.assert_close(dkd_loss(S, T, mixed, 4.0), dkd_loss(S, T, expected, 4.0))
+
+
+def test_dkd_exposes_alpha_and_beta():
+    tckd = dkd_loss(S, T, LABELS, 4.0, alpha=1.0, beta=0.0)
+    nckd = dkd_loss(S, T, LABELS, 4.0, alpha=0.0, beta=1.0)
+    torch.testing.assert_close(dkd_loss(S, T, LABELS, 4.0, alpha=2.0, beta=3.0), 2 * tckd + 3 * nckd)
+
+
+def test_standardize_gives_zero_mean_unit_std_rows():
+    z = standardize(3 * S + 5)
+    torch.testing.assert_close(z.mean(-1), torch.zeros(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.std(-1), torch.ones(8))
+    assert torch.isfinite(standardize(torch.ones(2, 10))).all(), "a constant row must stay finite"
+
+
+def test_logit_standardization_makes_kd_and_dkd_invariant_to_logit_scale_and_shift():
+    # A different positive scale and shift per example, on each side.
+    scale_s, shift_s = torch.rand(8, 1) * 5 + 0.2, torch.randn(8, 1) * 10
+    scale_t, shift_t = torch.rand(8, 1) * 5 + 0.2, torch.randn(8, 1) * 10
+    moved_s, moved_t = S * scale_s + shift_s, T * scale_t + shift_t
+    for temperature in (1.0, 4.0):
+        torch.testing.assert_close(
+            kd_loss(moved_s, moved_t, temperature, standardized=True), kd_loss(S, T, temperature, standardized=True)
+        )
+        torch.testing.assert_close(
+            dkd_loss(moved_s, moved_t, LABELS, temperature, standardized=True),
+            dkd_loss(S, T, LABELS, temperature, standardized=True),
+        )
+    # Without standardization the scale matters, so the test above could fail.
+    assert not torch.isclose(kd_loss(moved_s, moved_t, 4.0), kd_loss(S, T, 4.0))
+    # Standardizing is the plain loss on z-scored logits.
+    torch.testing.assert_close(kd_loss(S, T, 4.0, standardized=True), kd_loss(standardize(S), standardize(T), 4.0))
