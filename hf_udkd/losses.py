@@ -6,6 +6,8 @@ small differences that distillation lives on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,28 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
     return summed / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
+def kd_terms(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float]], standardized: bool = False
+) -> list[torch.Tensor]:
+    """Several KD terms at once: one scalar :func:`kd_loss` per ``(pulled, target, temperature)`` triple.
+
+    The pairs, all (B, K), are stacked and go through one softmax-KL pass per distinct temperature, so the
+    terms of a step cost a few kernels instead of a few per term (the step's small kernels, not its
+    arithmetic, set UniKD's overhead on a GPU). The grouping depends on the configuration only.
+    """
+    terms: list[torch.Tensor | None] = [None] * len(pairs)
+    for temperature in dict.fromkeys(t for _, _, t in pairs):
+        members = [i for i, (_, _, t) in enumerate(pairs) if t == temperature]
+        # (2N, B, K): the N pulled sides, then the N targets.
+        both = torch.stack([pairs[i][0] for i in members] + [pairs[i][1] for i in members])
+        log_pulled, log_target = F.log_softmax(_prepare(both, temperature, standardized), dim=-1).chunk(2)
+        # KL(target || pulled) summed over K, averaged over B: F.kl_div's "batchmean" with log_target.
+        values = (log_target.exp() * (log_target - log_pulled)).sum(-1).mean(-1) * temperature**2
+        for i, value in zip(members, values.unbind(), strict=True):
+            terms[i] = value
+    return terms
+
+
 def kd_loss(
     pulled: torch.Tensor, target: torch.Tensor, temperature: float, standardized: bool = False
 ) -> torch.Tensor:
@@ -45,9 +69,7 @@ def kd_loss(
     ``pulled`` is the side that learns, ``target`` the side it is pulled toward; ``standardized`` z-scores
     both before the temperature (logit standardization).
     """
-    log_p_pulled = F.log_softmax(_prepare(pulled, temperature, standardized), dim=-1)
-    log_p_target = F.log_softmax(_prepare(target, temperature, standardized), dim=-1)
-    return F.kl_div(log_p_pulled, log_p_target, reduction="batchmean", log_target=True) * temperature**2
+    return kd_terms([(pulled, target, temperature)], standardized)[0]
 
 
 def dkd_loss(

@@ -201,9 +201,16 @@ class UDKDTrainer(Trainer):
         return self.teacher_cache.fetch(indices, compute, teacher_input.device)
 
     def _logit_weight(self) -> float:
-        if self.args.logit_loss != "dkd" or self.args.dkd_warmup_epochs <= 0:
+        """DKD's linear warm-up: the share of it done so far, 1 once it is over (and always for KD)."""
+        args = self.args
+        if args.logit_loss != "dkd":
             return 1.0
-        return min(1.0, (self.state.epoch or 0.0) / self.args.dkd_warmup_epochs)
+        if args.dkd_warmup_epochs is not None:
+            done, warmup = self.state.epoch or 0.0, args.dkd_warmup_epochs
+        else:
+            # max_steps is 0 before training starts (an evaluation first): no warm-up to be in.
+            done, warmup = self.state.global_step, args.dkd_warmup_ratio * self.state.max_steps
+        return min(1.0, done / warmup) if warmup > 0 else 1.0
 
     def compute_loss(
         self,

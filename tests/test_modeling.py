@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build, resnet_config
+from transformers import TrainerCallback
 
 from hf_udkd import DistillationModel, FeatureTap, UDKDTrainer, UDKDTrainingArguments
-from hf_udkd.losses import IGNORE_INDEX
+from hf_udkd.losses import IGNORE_INDEX, standardize
 from hf_udkd.teacher import Teacher
 
 DISTILLATION_TERMS = ("loss_logit", "loss_feat", "loss_supp")
@@ -142,3 +143,113 @@ def test_scratch_training_without_labels_is_refused(tmp_path, digits):
                           train_dataset=UnlabelledImages(train.pixel_values[:16]))
     with pytest.raises(ValueError, match="needs labels"):
         trainer.train()
+
+
+def reference_kd(pulled: torch.Tensor, target: torch.Tensor, temperature: float, standardized: bool):
+    """One KD term alone, with F.kl_div (the per-term computation the fused pass replaces)."""
+    if standardized:
+        pulled, target = (standardize(x.float()) for x in (pulled, target))
+    log_p_pulled = F.log_softmax(pulled.float() / temperature, dim=-1)
+    log_p_target = F.log_softmax(target.float() / temperature, dim=-1)
+    return F.kl_div(log_p_pulled, log_p_target, reduction="batchmean", log_target=True) * temperature**2
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"feature_temperature": 1.0}, {"logit_standardization": True, "feature_temperature": 2.0},
+     {"logit_loss": "dkd"}, {"feature_kl": "gaussian"}],
+)
+def test_fused_terms_equal_the_per_term_reference(tmp_path, batch, options):
+    pixel_values, labels = batch
+    model, (t_logits, t_features) = distiller_and_teacher(tmp_path, pixel_values, **options)
+    output = model(pixel_values, labels, t_logits, t_features)
+    args = model.args
+    # In evaluation z = mu: the reference rebuilds every term from the heads' outputs.
+    logits = model.student(pixel_values).logits
+    stages = model.student_tap(model.student, pixel_values).stages
+    z_s, _ = model.fdp_student(model._student_feature(stages))
+    z_t, _ = model.fdp_teacher(t_features)
+    t_feat = args.temperature if args.feature_temperature is None else args.feature_temperature
+    std = args.logit_standardization
+    if args.logit_loss == "kd":
+        torch.testing.assert_close(output.loss_logit, reference_kd(logits, t_logits, args.temperature, std),
+                                   rtol=0, atol=1e-6)
+    if args.feature_kl == "sampled":
+        torch.testing.assert_close(output.loss_feat, reference_kd(z_s, z_t, t_feat, std), rtol=0, atol=1e-6)
+    supp = reference_kd(z_s, logits, t_feat, std) + reference_kd(z_t, t_logits, t_feat, std)
+    torch.testing.assert_close(output.loss_supp, supp, rtol=0, atol=1e-6)
+    expected = (args.w_ce * output.loss_ce + args.w_logit * output.loss_logit + args.w_feat * output.loss_feat
+                + args.w_supp * output.loss_supp)
+    torch.testing.assert_close(output.loss, expected)
+
+
+def test_feature_temperature_changes_only_the_feature_terms(tmp_path, batch):
+    pixel_values, labels = batch
+    model, (t_logits, t_features) = distiller_and_teacher(tmp_path, pixel_values)
+    shared = model(pixel_values, labels, t_logits, t_features)
+    model.args.feature_temperature = 1.0
+    apart = model(pixel_values, labels, t_logits, t_features)
+    torch.testing.assert_close(apart.loss_logit, shared.loss_logit)
+    assert not torch.isclose(apart.loss_supp, shared.loss_supp)
+
+
+def test_kaiming_fusion_init_reaches_the_model(tmp_path, batch):
+    model, _ = distiller_and_teacher(tmp_path, batch[0], aff_init="kaiming")
+    assert model.fusion.output[0].bias is None and all(lateral[0].bias is None for lateral in model.fusion.laterals)
+
+
+@pytest.mark.parametrize("name", ["w_ce", "w_logit", "w_feat", "w_supp", "dkd_alpha", "dkd_beta"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_bad_loss_weights_are_refused_by_name(tmp_path, name, value):
+    with pytest.raises(ValueError, match=f"{name}=.*finite and non-negative.*Use 0"):
+        make_args(tmp_path, **{name: value})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"feature_temperature": 0.0}, "feature_temperature=0.0"), ({"temperature": float("inf")}, "temperature=inf"),
+     ({"dkd_warmup_ratio": 1.5}, "dkd_warmup_ratio=1.5"), ({"dkd_warmup_epochs": -1.0}, "dkd_warmup_epochs=-1.0"),
+     ({"aff_init": "xavier"}, "aff_init='xavier'")],
+)
+def test_bad_options_are_refused(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **options)
+
+
+class WeightRecorder(TrainerCallback):
+    """The DKD weight the trainer uses at the start of each optimizer step."""
+
+    def __init__(self):
+        self.trainer: UDKDTrainer | None = None
+        self.weights: list[tuple[int, float]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.weights.append((state.global_step, self.trainer._logit_weight()))
+
+
+def dkd_run(tmp_path, digits, **options) -> list[tuple[int, float]]:
+    train, _ = digits
+    recorder = WeightRecorder()
+    args = make_args(tmp_path, logit_loss="dkd", use_fdp=False, per_device_train_batch_size=8,
+                     logging_steps=100, **options)
+    trainer = UDKDTrainer(model=build(resnet_config([8, 16, 32, 64]), tmp_path / "student"),
+                          teacher_model=build(resnet_config([16, 32, 64, 128]), tmp_path / "teacher"),
+                          args=args, train_dataset=torch.utils.data.Subset(train, range(96)), callbacks=[recorder])
+    recorder.trainer = trainer
+    trainer.train()
+    return recorder.weights
+
+
+def test_dkd_warms_up_over_a_share_of_the_run_by_default(tmp_path, digits):
+    # 96 examples / 8 = 12 steps per epoch, 2 epochs: 24 steps, of which 20/240 is 2.
+    weights = dkd_run(tmp_path, digits, num_train_epochs=2)
+    assert len(weights) == 24
+    assert [w for _, w in weights[:4]] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    assert all(w == 1.0 for _, w in weights[2:])
+
+
+def test_dkd_warmup_epochs_overrides_the_share(tmp_path, digits):
+    weights = dkd_run(tmp_path, digits, num_train_epochs=1, dkd_warmup_epochs=0.5)
+    # 12 steps per epoch: the weight is the epoch done over 0.5, so 1 from step 6 on.
+    assert [w for _, w in weights[:7]] == pytest.approx([step / 6 for step in range(7)])
+    assert all(w == 1.0 for _, w in weights[6:])
