@@ -727,9 +727,46 @@ def _goal(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_report(summary: dict[str, Any], output_dir: Path) -> None:
+def diagnostics_table(output_dir: str, schedule: Schedule, methods: list[str], settings: list[str],
+                      students: list[str], seeds: list[int], device: str) -> str:
+    """Per run, the logged loss terms early (first logging window) and late (mean of the last three), the gradient
+    norm before clipping (mean and largest of the logged ones), and FDP's noise scale against its signal late in
+    training: what a collapse looks like."""
+    lines = [
+        "Loss terms per run (unweighted; early = first logging window, late = mean of the last 3), the gradient "
+        "norm before clipping at max_grad_norm=1 (mean / max of its values at the logging steps), and FDP's noise "
+        "scale sigma against the spread of mu over the classes (student head, late). Terms: ce, logit, feat, supp.",
+        "",
+        "| student | setting | method | seed | acc | early ce / logit / feat / supp | late ce / logit / feat / supp "
+        "| grad norm mean / max | sigma / mu spread |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    terms = ("loss_ce", "loss_logit", "loss_feat", "loss_supp")
+
+    def fmt(logs: list[dict[str, float]]) -> str:
+        return " / ".join(f"{np.mean([log[t] for log in logs]):.3f}" if t in logs[0] else "-" for t in terms)
+
+    for student in students:
+        for setting in settings:
+            for method in methods:
+                for seed in seeds:
+                    record = _cached(RunSpec("student", seed, schedule, output_dir, device, 1, setting, method, student))
+                    if record is None or METHODS[method].options is None or not record["train_log"]:
+                        continue
+                    log = record["train_log"]
+                    late = log[-3:]
+                    noise = (f"{np.mean([x['sigma_student'] for x in late]):.3f} / "
+                             f"{np.mean([x['mu_spread_student'] for x in late]):.3f}") if "sigma_student" in late[0] else ""
+                    grads = [x["grad_norm"] for x in log if "grad_norm" in x] or [float("nan")]
+                    lines.append(f"| {student} | {setting} | {method} | {seed} | {_pct(record['accuracy'])} | "
+                                 f"{fmt(log[:1])} | {fmt(late)} | {np.mean(grads):.2f} / {max(grads):.2f} | {noise} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict[str, Any], output_dir: Path, diagnostics: str) -> None:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (output_dir / "summary.md").write_text(markdown_table(summary))
+    (output_dir / "diagnostics.md").write_text(diagnostics)
     plot(summary, output_dir / "accuracy.png", output_dir / "vs_kd.png")
 
 
@@ -921,9 +958,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({run_s / max(wall, 1e-9):.1f} in flight on average)")
     summary = summarise(str(output_dir), schedule, args.methods, args.settings, args.students, args.seeds,
                         args.device)
-    write_report(summary, output_dir)
+    diagnostics = diagnostics_table(str(output_dir), schedule, args.methods, args.settings, args.students, args.seeds,
+                                    args.device)
+    write_report(summary, output_dir, diagnostics)
     print(markdown_table(summary))
-    print(f"wrote {output_dir / 'summary.md'}, summary.json, accuracy.png, vs_kd.png")
+    print(f"wrote {output_dir / 'summary.md'}, diagnostics.md, summary.json, accuracy.png, vs_kd.png")
     return summary
 
 

@@ -111,6 +111,7 @@ def test_quick_study_end_to_end_and_cache(tmp_path, capsys):
 
     report = (tmp_path / "summary.md").read_text()
     assert "| r20k | lpc30u | unikd |" in report
+    assert "| r20k | lpc30u | unikd | 0 |" in (tmp_path / "diagnostics.md").read_text()
     for name in ["accuracy.png", "vs_kd.png"]:
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
