@@ -735,10 +735,10 @@ def diagnostics_table(output_dir: str, schedule: Schedule, methods: list[str], s
     lines = [
         "Loss terms per run (unweighted; early = first logging window, late = mean of the last 3), the gradient "
         "norm before clipping at max_grad_norm=1 (mean / max of its values at the logging steps), and FDP's noise "
-        "scale sigma against the spread of mu over the classes (student head, late). Terms: ce, logit, feat, supp.",
+        "scale sigma against the spread of mu over the classes (student head). Terms: ce, logit, feat, supp.",
         "",
         "| student | setting | method | seed | acc | early ce / logit / feat / supp | late ce / logit / feat / supp "
-        "| grad norm mean / max | sigma / mu spread |",
+        "| grad norm mean / max | sigma / mu spread, early -> late |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     terms = ("loss_ce", "loss_logit", "loss_feat", "loss_supp")
@@ -755,8 +755,9 @@ def diagnostics_table(output_dir: str, schedule: Schedule, methods: list[str], s
                         continue
                     log = record["train_log"]
                     late = log[-3:]
-                    noise = (f"{np.mean([x['sigma_student'] for x in late]):.3f} / "
-                             f"{np.mean([x['mu_spread_student'] for x in late]):.3f}") if "sigma_student" in late[0] else ""
+                    noise = " -> ".join(f"{np.mean([x['sigma_student'] for x in logs]):.3f} / "
+                                        f"{np.mean([x['mu_spread_student'] for x in logs]):.3f}"
+                                        for logs in (log[:1], late)) if "sigma_student" in late[0] else ""
                     grads = [x["grad_norm"] for x in log if "grad_norm" in x] or [float("nan")]
                     lines.append(f"| {student} | {setting} | {method} | {seed} | {_pct(record['accuracy'])} | "
                                  f"{fmt(log[:1])} | {fmt(late)} | {np.mean(grads):.2f} / {max(grads):.2f} | {noise} |")
