@@ -64,7 +64,10 @@ class Setting(NamedTuple):
 
 
 SETTINGS: dict[str, Setting] = {
-    "lpc30u": Setting(30, True), "lpc30": Setting(30, False), "lpc100u": Setting(100, True), "lpc100": Setting(100, False),
+    "lpc30u": Setting(30, True),
+    "lpc30": Setting(30, False),
+    "lpc100u": Setting(100, True),
+    "lpc100": Setting(100, False),
 }
 
 # name -> (hidden_sizes, depths) of the student ResNets; the stem already divides 32x32 by 4.
@@ -107,6 +110,7 @@ DIAGNOSTIC_METHODS: dict[str, Method] = {
 METHODS: dict[str, Method] = {**PRIMARY_METHODS, **CHECK_METHODS, **DIAGNOSTIC_METHODS}
 METHOD_GROUPS = {"primary": PRIMARY_METHODS, "checks": CHECK_METHODS, "diagnostics": DIAGNOSTIC_METHODS}
 
+
 @dataclass(frozen=True)
 class Schedule:
     """Everything shared by the runs of one study; part of every run's cache key."""
@@ -129,18 +133,34 @@ class Schedule:
     @classmethod
     def quick(cls) -> Schedule:
         return cls(
-            student_steps=6, teacher_epochs=1.0, batch_size=32, teacher_batch_size=64,
-            teacher_arch=((8, 16, 32, 64), (1, 1, 1, 1)), teacher_train_limit=256, val_limit=200,
-            unlabelled_limit=200, logging_steps=2,
+            student_steps=6,
+            teacher_epochs=1.0,
+            batch_size=32,
+            teacher_batch_size=64,
+            teacher_arch=((8, 16, 32, 64), (1, 1, 1, 1)),
+            teacher_train_limit=256,
+            val_limit=200,
+            unlabelled_limit=200,
+            logging_steps=2,
         )
 
 
 # The schedule fields a teacher depends on: changing the students' schedule keeps the cached teachers.
-_TEACHER_FIELDS = ("teacher_epochs", "teacher_batch_size", "teacher_learning_rate", "weight_decay", "warmup_share",
-                   "augment", "teacher_arch", "teacher_train_limit", "val_limit")
+_TEACHER_FIELDS = (
+    "teacher_epochs",
+    "teacher_batch_size",
+    "teacher_learning_rate",
+    "weight_decay",
+    "warmup_share",
+    "augment",
+    "teacher_arch",
+    "teacher_train_limit",
+    "val_limit",
+)
 # The fields of UDKDTrainingArguments that are UniKD's options (not the Trainer's, not the teacher's placement).
 _UDKD_FIELDS = sorted(
-    {f.name for f in fields(UDKDTrainingArguments)} - {f.name for f in fields(TrainingArguments)}
+    {f.name for f in fields(UDKDTrainingArguments)}
+    - {f.name for f in fields(TrainingArguments)}
     - {"teacher_dtype", "teacher_cache", "teacher_cache_dir", "student_layers", "teacher_layers"}
 )
 
@@ -175,13 +195,19 @@ class RunSpec:
     def data_setting(self) -> Setting:
         """Scratch trains on the labelled images only: its run is the same with or without an unlabelled rest."""
         setting = SETTINGS[self.setting]
-        return setting._replace(unlabelled=False) if self.kind == "student" and not self.uses_teacher else setting
+        return (
+            setting._replace(unlabelled=False)
+            if self.kind == "student" and not self.uses_teacher
+            else setting
+        )
 
     def teacher_spec(self) -> RunSpec:
         return RunSpec("teacher", self.seed, self.schedule, self.output_dir, self.device, self.threads)
 
     def store_spec(self) -> RunSpec:
-        return RunSpec("store", self.seed, self.schedule, self.output_dir, self.device, self.threads, self.setting)
+        return RunSpec(
+            "store", self.seed, self.schedule, self.output_dir, self.device, self.threads, self.setting
+        )
 
     def options(self) -> dict[str, Any] | None:
         return _distill_options(METHODS[self.method])
@@ -189,8 +215,12 @@ class RunSpec:
     def config(self) -> dict[str, Any]:
         """What determines the result: compared with a cached run's to decide whether to rerun it."""
         schedule = asdict(self.schedule)
-        teacher = {"kind": "teacher", "seed": self.seed, "device": self.device,
-                   **{k: v for k, v in schedule.items() if k in _TEACHER_FIELDS}}
+        teacher = {
+            "kind": "teacher",
+            "seed": self.seed,
+            "device": self.device,
+            **{k: v for k, v in schedule.items() if k in _TEACHER_FIELDS},
+        }
         if self.kind == "teacher":
             return teacher
         data = {"seed": self.seed, "setting": self.data_setting._asdict(), "schedule": schedule}
@@ -198,7 +228,9 @@ class RunSpec:
             return {"kind": "store", **data, "teacher": teacher}
         method = METHODS[self.method]
         return {
-            **data, "device": self.device, "student": STUDENTS[self.student],
+            **data,
+            "device": self.device,
+            "student": STUDENTS[self.student],
             "learning_rate": method.learning_rate or self.schedule.learning_rate,
             "distill": None if method.options is None else _resolved_options(self.options()),
             "teacher": teacher if self.uses_teacher else None,
@@ -233,6 +265,7 @@ def _resolved_options(options: dict[str, Any]) -> dict[str, Any]:
 
 # ---- data ------------------------------------------------------------------------------------------------
 
+
 class AugmentedImages(torch.utils.data.Dataset):
     """Examples ``{'pixel_values': (1, 32, 32), 'labels': ()}`` from pre-converted tensors.
 
@@ -241,8 +274,14 @@ class AugmentedImages(torch.utils.data.Dataset):
     ``udkd_index = k * N + i``, its row in the teacher store. Without, they come from torch's global generator.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool, seed: int = 0,
-                 num_views: int | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        augment: bool,
+        seed: int = 0,
+        num_views: int | None = None,
+    ):
         self.labels = labels
         self.augment = augment
         self.images = F.pad(images, (4, 4, 4, 4), value=float(images.min())) if augment else images
@@ -259,7 +298,7 @@ class AugmentedImages(torch.utils.data.Dataset):
         return len(self.labels)
 
     def _view(self, image: torch.Tensor, dy: int, dx: int, flip: int) -> torch.Tensor:
-        image = image[:, dy:dy + 32, dx:dx + 32]
+        image = image[:, dy : dy + 32, dx : dx + 32]
         return image.flip(-1) if flip else image
 
     def view(self, k: int, i: int) -> torch.Tensor:
@@ -280,7 +319,11 @@ class AugmentedImages(torch.utils.data.Dataset):
             raise RuntimeError(f"example {i} read {k + 1} times but only {self.num_views} views were drawn")
         self.reads[i] += 1
         self.order.append(i)
-        return {"pixel_values": self.view(k, i), "labels": self.labels[i], INDEX_KEY: k * len(self.labels) + i}
+        return {
+            "pixel_values": self.view(k, i),
+            "labels": self.labels[i],
+            INDEX_KEY: k * len(self.labels) + i,
+        }
 
     def restart(self) -> None:
         """Forget the reads so far (the Trainer probes a few examples before training)."""
@@ -306,14 +349,19 @@ def _full_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     Cached per process: a worker of the pool serves many runs of the same split.
     """
     full = load_animal_mnist(split_seed=seed)
-    return (*_to_tensors(full["train"]), *_to_tensors(full["validation"]), full["train"].features["label"].names)
+    return (
+        *_to_tensors(full["train"]),
+        *_to_tensors(full["validation"]),
+        full["train"].features["label"].names,
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _student_split(seed: int, setting: Setting) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's training pixels and labels (-100 for the unlabelled rest)."""
-    train = load_animal_mnist(split_seed=seed, labels_per_class=setting.labels_per_class,
-                              unlabelled=setting.unlabelled)["train"]
+    train = load_animal_mnist(
+        split_seed=seed, labels_per_class=setting.labels_per_class, unlabelled=setting.unlabelled
+    )["train"]
     return _to_tensors(train)
 
 
@@ -325,7 +373,9 @@ def _limit(x: torch.Tensor, y: torch.Tensor, limit: int | None) -> tuple[torch.T
     return x[keep], y[keep]
 
 
-def _limit_unlabelled(x: torch.Tensor, y: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _limit_unlabelled(
+    x: torch.Tensor, y: torch.Tensor, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     labelled = y != -100
     rest_x, rest_y = _limit(x[~labelled], y[~labelled], limit)
     return torch.cat([x[labelled], rest_x]), torch.cat([y[labelled], rest_y])
@@ -347,10 +397,17 @@ def _load_data(spec: RunSpec):
     if spec.kind == "teacher":
         train_x, train_y = _limit(all_x, all_y, schedule.teacher_train_limit)
         return AugmentedImages((train_x - mean) / std, train_y, schedule.augment), val, names
-    train_x, train_y = _limit_unlabelled(*_student_split(spec.seed, spec.data_setting), schedule.unlabelled_limit)
+    train_x, train_y = _limit_unlabelled(
+        *_student_split(spec.seed, spec.data_setting), schedule.unlabelled_limit
+    )
     # The views depend on the seed only, not on the method: paired runs read identical images.
-    train = AugmentedImages((train_x - mean) / std, train_y, schedule.augment, seed=spec.seed,
-                            num_views=_num_views(spec, len(train_y)))
+    train = AugmentedImages(
+        (train_x - mean) / std,
+        train_y,
+        schedule.augment,
+        seed=spec.seed,
+        num_views=_num_views(spec, len(train_y)),
+    )
     return train, val, names
 
 
@@ -370,14 +427,16 @@ def _build_store(spec: RunSpec, teacher_module: torch.nn.Module, train: Augmente
     base = spec.path().with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
     logits = np.lib.format.open_memmap(f"{base}-logits.npy", "w+", np.float32, (rows, teacher.num_labels))
-    features = np.lib.format.open_memmap(f"{base}-features.npy", "w+", np.float32, (rows, teacher.stage.channels))
+    features = np.lib.format.open_memmap(
+        f"{base}-features.npy", "w+", np.float32, (rows, teacher.stage.channels)
+    )
     chunk = 500
     for start in range(0, rows, chunk):
         index = range(start, min(rows, start + chunk))
         batch = torch.stack([train.view(r // n, r % n) for r in index])
         out_logits, out_features = teacher.outputs(batch)
-        logits[index.start:index.stop] = out_logits.numpy()
-        features[index.start:index.stop] = out_features.numpy()
+        logits[index.start : index.stop] = out_logits.numpy()
+        features[index.start : index.stop] = out_features.numpy()
     logits.flush()
     features.flush()
 
@@ -410,8 +469,13 @@ class StoredTeacherTrainer(UDKDTrainer):
 def _resnet(arch: tuple[tuple[int, ...], tuple[int, ...]], names: list[str]) -> torch.nn.Module:
     hidden_sizes, depths = arch
     config = ResNetConfig(
-        num_channels=1, embedding_size=hidden_sizes[0], hidden_sizes=list(hidden_sizes), depths=list(depths),
-        layer_type="basic", num_labels=len(names), id2label=dict(enumerate(names)),
+        num_channels=1,
+        embedding_size=hidden_sizes[0],
+        hidden_sizes=list(hidden_sizes),
+        depths=list(depths),
+        layer_type="basic",
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
     )
     return AutoModelForImageClassification.from_config(config)
@@ -438,7 +502,10 @@ class HeadStatistics:
         if not module.training:
             return
         mu, log_var = (x.detach() for x in output)
-        for key, value in ((f"sigma_{name}", log_var.mul(0.5).exp().mean()), (f"mu_spread_{name}", mu.std(-1).mean())):
+        for key, value in (
+            (f"sigma_{name}", log_var.mul(0.5).exp().mean()),
+            (f"mu_spread_{name}", mu.std(-1).mean()),
+        ):
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
         self.count += name == "student"
 
@@ -448,15 +515,28 @@ class HeadStatistics:
         return means
 
 
-def _training_args(spec: RunSpec, work_dir: str, steps: int, batch_size: int, lr: float,
-                   options: dict[str, Any]) -> UDKDTrainingArguments:
+def _training_args(
+    spec: RunSpec, work_dir: str, steps: int, batch_size: int, lr: float, options: dict[str, Any]
+) -> UDKDTrainingArguments:
     return UDKDTrainingArguments(
-        output_dir=work_dir, max_steps=steps, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=500, learning_rate=lr, weight_decay=spec.schedule.weight_decay,
-        optim="sgd", optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine",
-        warmup_steps=spec.schedule.warmup_share, eval_strategy="no", save_strategy="no",
+        output_dir=work_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=500,
+        learning_rate=lr,
+        weight_decay=spec.schedule.weight_decay,
+        optim="sgd",
+        optim_args="momentum=0.9,nesterov=True",
+        lr_scheduler_type="cosine",
+        warmup_steps=spec.schedule.warmup_share,
+        eval_strategy="no",
+        save_strategy="no",
         logging_steps=spec.schedule.logging_steps if spec.kind == "student" else max(1, steps // 5),
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=spec.seed, use_cpu=spec.device == "cpu",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=spec.seed,
+        use_cpu=spec.device == "cpu",
         **options,
     )
 
@@ -470,13 +550,20 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     try:
         start = time.perf_counter()
         record = {"teacher": _run_teacher, "store": _run_store, "student": _run_student}[spec.kind](spec)
-        record.update(kind=spec.kind, seed=spec.seed, setting=spec.setting, wall_s=round(time.perf_counter() - start, 1),
-                      config=spec.config())
+        record.update(
+            kind=spec.kind,
+            seed=spec.seed,
+            setting=spec.setting,
+            wall_s=round(time.perf_counter() - start, 1),
+            config=spec.config(),
+        )
         names = [(spec.setting, spec.method), *spec.aliases]
         for setting, method in names:
             path = replace(spec, setting=setting, method=method).path()
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**record, "setting": setting, "method": method or spec.kind}, indent=1))
+            path.write_text(
+                json.dumps({**record, "setting": setting, "method": method or spec.kind}, indent=1)
+            )
         return {**record, "method": spec.method or spec.kind, "student": spec.student}
     finally:
         # Restored for the in-process case (jobs=1, tests).
@@ -497,13 +584,24 @@ def _run_teacher(spec: RunSpec) -> dict[str, Any]:
     train, val, names = _load_data(spec)
     steps = math.ceil(schedule.teacher_epochs * len(train) / schedule.teacher_batch_size)
     with tempfile.TemporaryDirectory(prefix="udkd_study_") as work_dir:
-        args = _training_args(spec, work_dir, steps, schedule.teacher_batch_size, schedule.teacher_learning_rate, {})
-        trainer = UDKDTrainer(model=_resnet(schedule.teacher_arch, names), args=args, train_dataset=train,
-                              eval_dataset=val, compute_metrics=_accuracy)
+        args = _training_args(
+            spec, work_dir, steps, schedule.teacher_batch_size, schedule.teacher_learning_rate, {}
+        )
+        trainer = UDKDTrainer(
+            model=_resnet(schedule.teacher_arch, names),
+            args=args,
+            train_dataset=train,
+            eval_dataset=val,
+            compute_metrics=_accuracy,
+        )
         metrics = _train(trainer)
         trainer.save_model(str(spec.path().with_suffix("")))
-    return {"accuracy": metrics["eval_accuracy"], "params": sum(p.numel() for p in trainer.student.parameters()),
-            "steps": steps, "train_size": len(train)}
+    return {
+        "accuracy": metrics["eval_accuracy"],
+        "params": sum(p.numel() for p in trainer.student.parameters()),
+        "steps": steps,
+        "train_size": len(train),
+    }
 
 
 def _load_teacher(spec: RunSpec) -> torch.nn.Module:
@@ -528,17 +626,30 @@ def _run_student(spec: RunSpec) -> dict[str, Any]:
     model = _resnet(STUDENTS[spec.student], names)
     learning_rate = METHODS[spec.method].learning_rate or schedule.learning_rate
     with tempfile.TemporaryDirectory(prefix="udkd_study_") as work_dir:
-        args = _training_args(spec, work_dir, schedule.student_steps, schedule.batch_size, learning_rate,
-                              options or {})
-        trainer = StoredTeacherTrainer(model=model, teacher_model=teacher, args=args, train_dataset=train,
-                                       eval_dataset=val, compute_metrics=_accuracy, store=store)
+        args = _training_args(
+            spec, work_dir, schedule.student_steps, schedule.batch_size, learning_rate, options or {}
+        )
+        trainer = StoredTeacherTrainer(
+            model=model,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=train,
+            eval_dataset=val,
+            compute_metrics=_accuracy,
+            store=store,
+        )
         train.restart()
         metrics = _train(trainer)
     return {
-        "student": spec.student, "accuracy": metrics["eval_accuracy"],
+        "student": spec.student,
+        "accuracy": metrics["eval_accuracy"],
         "params": sum(p.numel() for p in trainer.student.parameters()),
-        "steps": schedule.student_steps, "train_size": len(train), "labelled": int((train.labels != -100).sum()),
-        "val_size": len(val), "order_digest": train.order_digest(), "teacher_store": store is not None,
+        "steps": schedule.student_steps,
+        "train_size": len(train),
+        "labelled": int((train.labels != -100).sum()),
+        "val_size": len(val),
+        "order_digest": train.order_digest(),
+        "teacher_store": store is not None,
         "eval": {k: v for k, v in metrics.items() if k.startswith("eval_loss")},
         "train_log": [log for log in trainer.state.log_history if "loss" in log],
     }
@@ -562,8 +673,16 @@ def _cached(spec: RunSpec) -> dict[str, Any] | None:
 # ---- scheduling ------------------------------------------------------------------------------------------
 
 
-def _plan(methods: list[str], settings: list[str], students: list[str], seeds: list[int], schedule: Schedule,
-          output_dir: str, device: str, threads: int) -> tuple[list[RunSpec], list[RunSpec]]:
+def _plan(
+    methods: list[str],
+    settings: list[str],
+    students: list[str],
+    seeds: list[int],
+    schedule: Schedule,
+    output_dir: str,
+    device: str,
+    threads: int,
+) -> tuple[list[RunSpec], list[RunSpec]]:
     """(units to run, seed by seed: teacher, stores, students; students already cached).
 
     Students whose configurations are identical (scratch with and without the unlabelled rest, say) train once
@@ -574,7 +693,9 @@ def _plan(methods: list[str], settings: list[str], students: list[str], seeds: l
         for seed in seeds:
             for student in students:
                 for method in methods:
-                    spec = RunSpec("student", seed, schedule, output_dir, device, threads, setting, method, student)
+                    spec = RunSpec(
+                        "student", seed, schedule, output_dir, device, threads, setting, method, student
+                    )
                     if _cached(spec) is not None:
                         cached.append(spec)
                         continue
@@ -655,8 +776,11 @@ def execute(units: list[RunSpec], jobs: int) -> list[dict[str, Any]]:
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def paired(diffs: list[float]) -> dict[str, float | None]:
@@ -671,8 +795,15 @@ def paired(diffs: list[float]) -> dict[str, float | None]:
     return out
 
 
-def summarise(output_dir: str, schedule: Schedule, methods: list[str], settings: list[str], students: list[str],
-              seeds: list[int], device: str) -> dict[str, Any]:
+def summarise(
+    output_dir: str,
+    schedule: Schedule,
+    methods: list[str],
+    settings: list[str],
+    students: list[str],
+    seeds: list[int],
+    device: str,
+) -> dict[str, Any]:
     """Every (student, setting, method) with cached runs under the current configuration: accuracy mean and std
     over seeds (ddof=1), the paired difference to logit KD, and whether paired runs read the same data."""
     summary: dict[str, Any] = {"schedule": asdict(schedule), "seeds": seeds, "teachers": {}, "results": {}}
@@ -684,14 +815,19 @@ def summarise(output_dir: str, schedule: Schedule, methods: list[str], settings:
         for setting in settings:
             rows = {}
             for method in methods:
-                specs = [RunSpec("student", s, schedule, output_dir, device, 1, setting, method, student) for s in seeds]
+                specs = [
+                    RunSpec("student", s, schedule, output_dir, device, 1, setting, method, student)
+                    for s in seeds
+                ]
                 runs = {s.seed: r for s in specs if (r := _cached(s)) is not None}
                 if runs:
-                    rows[method] = {"by_seed": {s: r["accuracy"] for s, r in runs.items()},
-                                    **_stats([r["accuracy"] for r in runs.values()]),
-                                    "wall_s": float(np.mean([r["wall_s"] for r in runs.values()])),
-                                    "params": next(iter(runs.values()))["params"],
-                                    "digests": {s: r["order_digest"] for s, r in runs.items()}}
+                    rows[method] = {
+                        "by_seed": {s: r["accuracy"] for s, r in runs.items()},
+                        **_stats([r["accuracy"] for r in runs.values()]),
+                        "wall_s": float(np.mean([r["wall_s"] for r in runs.values()])),
+                        "params": next(iter(runs.values()))["params"],
+                        "digests": {s: r["order_digest"] for s, r in runs.items()},
+                    }
             if "kd" in rows:
                 kd = rows["kd"]
                 for method, row in rows.items():
@@ -700,7 +836,9 @@ def summarise(output_dir: str, schedule: Schedule, methods: list[str], settings:
                         row["vs_kd"] = paired([row["by_seed"][s] - kd["by_seed"][s] for s in common])
                         if METHODS[method].options is not None or not SETTINGS[setting].unlabelled:
                             # Scratch never reads the unlabelled rest, so only there its data may differ.
-                            row["same_data_as_kd"] = all(row["digests"][s] == kd["digests"][s] for s in common)
+                            row["same_data_as_kd"] = all(
+                                row["digests"][s] == kd["digests"][s] for s in common
+                            )
             for row in rows.values():
                 row.pop("digests")
             if rows:
@@ -720,15 +858,25 @@ def _goal(summary: dict[str, Any]) -> dict[str, Any]:
                 if ratio is not None:
                     verdict.setdefault(method, {})[f"{student}/{setting}"] = round(ratio, 2)
     return {
-        method: {"mean_over_std": ratios, "wins": [k for k, r in ratios.items() if r > 2],
-                 "trails": [k for k, r in ratios.items() if r < -1],
-                 "meets_goal": any(r > 2 for r in ratios.values()) and all(r >= -1 for r in ratios.values())}
+        method: {
+            "mean_over_std": ratios,
+            "wins": [k for k, r in ratios.items() if r > 2],
+            "trails": [k for k, r in ratios.items() if r < -1],
+            "meets_goal": any(r > 2 for r in ratios.values()) and all(r >= -1 for r in ratios.values()),
+        }
         for method, ratios in verdict.items()
     }
 
 
-def diagnostics_table(output_dir: str, schedule: Schedule, methods: list[str], settings: list[str],
-                      students: list[str], seeds: list[int], device: str) -> str:
+def diagnostics_table(
+    output_dir: str,
+    schedule: Schedule,
+    methods: list[str],
+    settings: list[str],
+    students: list[str],
+    seeds: list[int],
+    device: str,
+) -> str:
     """Per run, the logged loss terms early (first logging window) and late (mean of the last three), the gradient
     norm before clipping (mean and largest of the logged ones), and FDP's noise scale against its signal late in
     training: what a collapse looks like."""
@@ -750,17 +898,27 @@ def diagnostics_table(output_dir: str, schedule: Schedule, methods: list[str], s
         for setting in settings:
             for method in methods:
                 for seed in seeds:
-                    record = _cached(RunSpec("student", seed, schedule, output_dir, device, 1, setting, method, student))
+                    record = _cached(
+                        RunSpec("student", seed, schedule, output_dir, device, 1, setting, method, student)
+                    )
                     if record is None or METHODS[method].options is None or not record["train_log"]:
                         continue
                     log = record["train_log"]
                     late = log[-3:]
-                    noise = " -> ".join(f"{np.mean([x['sigma_student'] for x in logs]):.3f} / "
-                                        f"{np.mean([x['mu_spread_student'] for x in logs]):.3f}"
-                                        for logs in (log[:1], late)) if "sigma_student" in late[0] else ""
+                    noise = (
+                        " -> ".join(
+                            f"{np.mean([x['sigma_student'] for x in logs]):.3f} / "
+                            f"{np.mean([x['mu_spread_student'] for x in logs]):.3f}"
+                            for logs in (log[:1], late)
+                        )
+                        if "sigma_student" in late[0]
+                        else ""
+                    )
                     grads = [x["grad_norm"] for x in log if "grad_norm" in x] or [float("nan")]
-                    lines.append(f"| {student} | {setting} | {method} | {seed} | {_pct(record['accuracy'])} | "
-                                 f"{fmt(log[:1])} | {fmt(late)} | {np.mean(grads):.2f} / {max(grads):.2f} | {noise} |")
+                    lines.append(
+                        f"| {student} | {setting} | {method} | {seed} | {_pct(record['accuracy'])} | "
+                        f"{fmt(log[:1])} | {fmt(late)} | {np.mean(grads):.2f} / {max(grads):.2f} | {noise} |"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -809,15 +967,19 @@ def markdown_table(summary: dict[str, Any]) -> str:
                         cells[3] = f"{ratio:+.1f}" + ("*" if ratio > 2 else "")
                     if not row.get("same_data_as_kd", True):
                         cells[0] += " (data differ!)"
-                lines.append(f"| {student} | {setting} | {method} | {_pct(row['mean'])} +- {_pct(row['std'])} "
-                             f"({row['n']}) | " + " | ".join(cells) + f" | {row['wall_s']:.0f} |")
+                lines.append(
+                    f"| {student} | {setting} | {method} | {_pct(row['mean'])} +- {_pct(row['std'])} "
+                    f"({row['n']}) | " + " | ".join(cells) + f" | {row['wall_s']:.0f} |"
+                )
     goal = summary["goal"]
     if goal:
         lines += ["", "Goal check (mean/std of the paired difference to KD; * > 2):", ""]
         for method, g in goal.items():
             verdict = "meets the goal" if g["meets_goal"] else "does not meet the goal"
-            lines.append(f"- {method}: {verdict}; wins: {', '.join(g['wins']) or 'none'}; "
-                         f"trails by > 1 std: {', '.join(g['trails']) or 'none'}")
+            lines.append(
+                f"- {method}: {verdict}; wins: {', '.join(g['wins']) or 'none'}; "
+                f"trails by > 1 std: {', '.join(g['trails']) or 'none'}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -836,8 +998,11 @@ def plot(summary: dict[str, Any], accuracy_path: Path, gap_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(student, setting, rows) for student, by_setting in summary["results"].items()
-              for setting, rows in by_setting.items()]
+    panels = [
+        (student, setting, rows)
+        for student, by_setting in summary["results"].items()
+        for setting, rows in by_setting.items()
+    ]
     if not panels:
         return
     teacher_acc = [100 * t["accuracy"] for t in summary["teachers"].values()]
@@ -845,7 +1010,7 @@ def plot(summary: dict[str, Any], accuracy_path: Path, gap_path: Path) -> None:
     nrows = math.ceil(len(panels) / cols)
     for path, gaps in ((accuracy_path, False), (gap_path, True)):
         fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 4.2 * nrows), squeeze=False)
-        for ax in axes.flat[len(panels):]:
+        for ax in axes.flat[len(panels) :]:
             ax.axis("off")
         for ax, (student, setting, rows) in zip(axes.flat, panels, strict=False):
             names = [m for m in rows if not gaps or "vs_kd" in rows[m]]
@@ -853,8 +1018,15 @@ def plot(summary: dict[str, Any], accuracy_path: Path, gap_path: Path) -> None:
             if gaps:
                 means = [100 * rows[m]["vs_kd"]["mean"] for m in names]
                 ci = [rows[m]["vs_kd"]["ci95"] for m in names]
-                err = np.array([[m - 100 * c[0], 100 * c[1] - m] if c else [0, 0] for m, c in zip(means, ci, strict=True)]).T
-                ax.bar(x, means, yerr=err if len(names) else None, color=[_color(m) for m in names], capsize=4)
+                err = np.array(
+                    [
+                        [m - 100 * c[0], 100 * c[1] - m] if c else [0, 0]
+                        for m, c in zip(means, ci, strict=True)
+                    ]
+                ).T
+                ax.bar(
+                    x, means, yerr=err if len(names) else None, color=[_color(m) for m in names], capsize=4
+                )
                 ax.axhline(0, color="tab:orange", lw=1)
                 ax.set_ylabel("paired difference to logit KD (points, 95% CI)")
             else:
@@ -890,8 +1062,10 @@ def _expand_methods(names: list[str], parser: argparse.ArgumentParser) -> list[s
         expanded = list(METHODS) if name == "all" else list(METHOD_GROUPS.get(name, [name]))
         unknown = [m for m in expanded if m not in METHODS]
         if unknown:
-            parser.error(f"unknown method {unknown[0]!r}; choose from {list(METHODS)}, "
-                         f"{', '.join(repr(g) for g in METHOD_GROUPS)} or 'all'")
+            parser.error(
+                f"unknown method {unknown[0]!r}; choose from {list(METHODS)}, "
+                f"{', '.join(repr(g) for g in METHOD_GROUPS)} or 'all'"
+            )
         methods += [m for m in expanded if m not in methods]
     # The paired differences are to logit KD: it runs whenever anything is compared with it.
     if "kd" not in methods and len(methods) > 1:
@@ -900,24 +1074,39 @@ def _expand_methods(names: list[str], parser: argparse.ArgumentParser) -> list[s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     groups = "; ".join(f"'{g}': {' '.join(m)}" for g, m in METHOD_GROUPS.items())
-    parser.add_argument("--methods", nargs="+", default=["all"], help=f"method names or groups ({groups}; 'all')")
+    parser.add_argument(
+        "--methods", nargs="+", default=["all"], help=f"method names or groups ({groups}; 'all')"
+    )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores/jobs)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: cores/jobs)"
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--steps", type=int, default=None, help="student steps (default 1500; quick 6)")
     parser.add_argument("--teacher-epochs", type=float, default=None, help="teacher epochs (default 15)")
     parser.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help=f"default {DEFAULT_OUTPUT} ({QUICK_OUTPUT} with --quick)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help=f"default {DEFAULT_OUTPUT} ({QUICK_OUTPUT} with --quick)",
+    )
     parser.add_argument("--quick", action="store_true", help="pipeline check: tiny teacher and data, 1 seed")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    parser.add_argument("--summarize-only", action="store_true",
-                        help="train nothing: summarise the runs already in the output dir (e.g. after a time-out)")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="train nothing: summarise the runs already in the output dir (e.g. after a time-out)",
+    )
     args = parser.parse_args(argv)
     args.methods = _expand_methods(args.methods, parser)
     if args.quick and args.seeds == [0, 1, 2, 3, 4]:
@@ -938,12 +1127,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (output_dir / ".gitignore").write_text("teachers/*/\nstores/\n")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
-    units, cached = _plan(args.methods, args.settings, args.students, args.seeds, schedule, str(output_dir),
-                          args.device, threads)
+    units, cached = _plan(
+        args.methods,
+        args.settings,
+        args.students,
+        args.seeds,
+        schedule,
+        str(output_dir),
+        args.device,
+        threads,
+    )
     counts = {kind: sum(u.kind == kind for u in units) for kind in ("teacher", "store", "student")}
-    print(f"{counts['teacher']} teacher(s), {counts['store']} store(s) and {counts['student']} student run(s) to "
-          f"train ({len(cached)} cached), {args.jobs} at a time, {threads} thread(s) each, on {args.device}; "
-          f"output in {output_dir}", flush=True)
+    print(
+        f"{counts['teacher']} teacher(s), {counts['store']} store(s) and {counts['student']} student run(s) to "
+        f"train ({len(cached)} cached), {args.jobs} at a time, {threads} thread(s) each, on {args.device}; "
+        f"output in {output_dir}",
+        flush=True,
+    )
     for spec in units:
         also = ", ".join(f"{setting} {method}" for setting, method in spec.aliases)
         alias = f" (also written as {also}: same configuration)" if spec.aliases else ""
@@ -955,12 +1155,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if records:
         run_s = sum(r["wall_s"] for r in records)
-        print(f"budget: {len(records)} unit(s), {run_s:.0f} run-seconds, {wall:.0f} s wall "
-              f"({run_s / max(wall, 1e-9):.1f} in flight on average)")
-    summary = summarise(str(output_dir), schedule, args.methods, args.settings, args.students, args.seeds,
-                        args.device)
-    diagnostics = diagnostics_table(str(output_dir), schedule, args.methods, args.settings, args.students, args.seeds,
-                                    args.device)
+        print(
+            f"budget: {len(records)} unit(s), {run_s:.0f} run-seconds, {wall:.0f} s wall "
+            f"({run_s / max(wall, 1e-9):.1f} in flight on average)"
+        )
+    summary = summarise(
+        str(output_dir), schedule, args.methods, args.settings, args.students, args.seeds, args.device
+    )
+    diagnostics = diagnostics_table(
+        str(output_dir), schedule, args.methods, args.settings, args.students, args.seeds, args.device
+    )
     write_report(summary, output_dir, diagnostics)
     print(markdown_table(summary))
     print(f"wrote {output_dir / 'summary.md'}, diagnostics.md, summary.json, accuracy.png, vs_kd.png")

@@ -73,8 +73,23 @@ def test_paired_statistics_match_scipy():
 
 @pytest.mark.slow
 def test_quick_study_end_to_end_and_cache(tmp_path, capsys):
-    argv = ["--quick", "--output-dir", str(tmp_path), "--settings", "lpc30u", "lpc30", "--students", "r20k",
-            "--device", "cpu", "--threads", "1", "--methods", "scratch", "unikd"]
+    argv = [
+        "--quick",
+        "--output-dir",
+        str(tmp_path),
+        "--settings",
+        "lpc30u",
+        "lpc30",
+        "--students",
+        "r20k",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--methods",
+        "scratch",
+        "unikd",
+    ]
     summary = accuracy_study.main(argv)
 
     out = capsys.readouterr().out
@@ -95,9 +110,13 @@ def test_quick_study_end_to_end_and_cache(tmp_path, capsys):
     assert kd["order_digest"] == run["order_digest"]
 
     # The store holds what the teacher computes on the views the students read.
-    store_spec = accuracy_study.RunSpec("store", 0, accuracy_study.Schedule.quick(), str(tmp_path), "cpu", 1, "lpc30u")
+    store_spec = accuracy_study.RunSpec(
+        "store", 0, accuracy_study.Schedule.quick(), str(tmp_path), "cpu", 1, "lpc30u"
+    )
     logits, features = accuracy_study._store_arrays(store_spec)
-    probe = accuracy_study.RunSpec("student", 0, store_spec.schedule, str(tmp_path), "cpu", 1, "lpc30u", "kd", "r20k")
+    probe = accuracy_study.RunSpec(
+        "student", 0, store_spec.schedule, str(tmp_path), "cpu", 1, "lpc30u", "kd", "r20k"
+    )
     train, _, _ = accuracy_study._load_data(probe)
     assert logits.shape[0] == train.num_views * len(train)
     teacher = accuracy_study.Teacher.from_probe(
@@ -105,9 +124,13 @@ def test_quick_study_end_to_end_and_cache(tmp_path, capsys):
     )
     n = len(train)
     rows_to_check = [0, 7, logits.shape[0] - 1]
-    expected_logits, expected_features = teacher.outputs(torch.stack([train.view(r // n, r % n) for r in rows_to_check]))
+    expected_logits, expected_features = teacher.outputs(
+        torch.stack([train.view(r // n, r % n) for r in rows_to_check])
+    )
     torch.testing.assert_close(torch.from_numpy(logits[rows_to_check]), expected_logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(features[rows_to_check]), expected_features, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(features[rows_to_check]), expected_features, rtol=1e-4, atol=1e-4
+    )
 
     report = (tmp_path / "summary.md").read_text()
     assert "| r20k | lpc30u | unikd |" in report
