@@ -100,6 +100,7 @@ CHECK_METHODS: dict[str, Method] = {
     "unikd_ft1": Method({"feature_temperature": 1.0}),
     # Sun et al. train KD + logit standardization with CE 0.1 and KD 9: standardized logits over T=4 are flat.
     "kd_ls_w9": Method({"use_fdp": False, "logit_standardization": True, "w_ce": 0.1, "w_logit": 9.0}),
+    "unikd_ls_w9": Method({"logit_standardization": True, "w_ce": 0.1, "w_logit": 9.0}),
 }
 # Cheap probes of UniKD's instability on the small student: the learning rate and the feature terms' weight.
 DIAGNOSTIC_METHODS: dict[str, Method] = {
@@ -855,7 +856,7 @@ def _goal(summary: dict[str, Any]) -> dict[str, Any]:
         for setting, rows in by_setting.items():
             for method, row in rows.items():
                 ratio = row.get("vs_kd", {}).get("mean_over_std")
-                if ratio is not None:
+                if ratio is not None and METHODS[method].options is not None:
                     verdict.setdefault(method, {})[f"{student}/{setting}"] = round(ratio, 2)
     return {
         method: {
