@@ -17,11 +17,18 @@ from transformers.utils.hub import hf_api
 
 from . import checkpoint, model_card
 from .config import UDKDTrainingArguments
-from .constants import INDEX_KEY, TEACHER_INPUT
+from .constants import INDEX_KEY, TEACHER_INPUT, VIEW_KEY
 from .modeling import LOSS_TERMS, DistillationModel
 from .taps import FeatureTap
 from .teacher import Teacher, check_same_labels, load_model, whole_weights
-from .teacher_cache import IndexedCollator, IndexedDataset, TeacherCache, build_teacher_cache
+from .teacher_store import (
+    IndexedCollator,
+    ReplayDataset,
+    StoreCallback,
+    StoreRows,
+    TeacherStore,
+    build_teacher_store,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -139,14 +146,15 @@ class UDKDTrainer(Trainer):
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
         self._checked_finite = False
         self._saving_checkpoint = False
-        self.teacher_cache: TeacherCache | None = None
+        self.teacher_cache: TeacherStore | None = None
+        self._replay: ReplayDataset | None = None
         if args.teacher_cache:
             if teacher is None:
-                raise ValueError("teacher_cache=True caches a teacher's outputs, but no teacher_model was given")
-            self.teacher_cache = build_teacher_cache(
-                train_dataset, teacher.stage.channels, teacher.num_labels, args.teacher_cache_dir,
-                args.process_index,
+                raise ValueError("teacher_cache=True stores a teacher's outputs, but no teacher_model was given")
+            self.teacher_cache, self._replay = build_teacher_store(
+                train_dataset, self._store_collator(), teacher, args
             )
+            self.add_callback(StoreCallback(self.teacher_cache, self._replay.views, self.accelerator))
 
         logger.info(f"UniKD student stages: {student_tap.describe()}")
         if teacher is not None:
@@ -174,23 +182,64 @@ class UDKDTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        for key in (TEACHER_INPUT, INDEX_KEY):
+        for key in (TEACHER_INPUT, INDEX_KEY, VIEW_KEY):
             if key not in self._signature_columns:
                 self._signature_columns.append(key)
 
+    def _store_collator(self) -> Callable:
+        """The training collator as the Trainer wraps it, keeping the store's keys (index and view)."""
+        return self._get_collator_with_removed_columns(IndexedCollator(self.data_collator), description="training")
+
     def get_train_dataloader(self):
-        """With the teacher cache, training examples carry their index (``udkd_index``), the cache's key."""
+        """With the teacher store, training examples are read in replayable views and carry their store keys."""
         if self.teacher_cache is None:
             return super().get_train_dataloader()
+        if self.teacher.engine is not None and not self.teacher_cache.is_full:
+            # A partitioned teacher's forward is collective: ranks filling different rows would wait on each other.
+            raise ValueError(
+                "teacher_cache=True under DeepSpeed ZeRO-3 needs a full store before training: "
+                f"{len(self.teacher_cache) - self.teacher_cache.num_filled} of {len(self.teacher_cache)} rows are "
+                "missing. Call trainer.precompute_teacher_outputs() first (or run `python -m hf_udkd.precompute`)."
+            )
         dataset, collator = self.train_dataset, self.data_collator
-        self.train_dataset, self.data_collator = IndexedDataset(dataset), IndexedCollator(collator)
+        self.train_dataset, self.data_collator = self._replay, IndexedCollator(collator)
         try:
             return super().get_train_dataloader()
         finally:
             self.train_dataset, self.data_collator = dataset, collator
 
+    def precompute_teacher_outputs(self) -> TeacherStore:
+        """Fill every (example, view) row of the teacher store before training; returns the store.
+
+        The rows still missing are split over the processes (accelerate's data-loader sharding), read in their
+        views through the training collator, run through the teacher in batches of
+        ``per_device_eval_batch_size``, shared between the processes and, with ``teacher_cache_dir``, written as
+        one shard per process. Call it on every process.
+        """
+        if self.teacher_cache is None:
+            raise ValueError("precompute_teacher_outputs() fills the teacher store: set teacher_cache=True")
+        store = self.teacher_cache
+        missing = store.missing_rows()
+        logger.info(f"Precomputing {len(missing)} of {len(store)} teacher store rows")
+        loader = self.accelerator.prepare_data_loader(
+            torch.utils.data.DataLoader(
+                StoreRows(self._replay, missing),
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=self._store_collator(),
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+        )
+        for batch in loader:
+            logits, features = self.teacher.outputs(batch.get(TEACHER_INPUT, batch["pixel_values"]))
+            store.put(store.rows(batch[INDEX_KEY], batch[VIEW_KEY]), logits, features)
+        store.exchange(self.accelerator)
+        store.save()
+        self.accelerator.wait_for_everyone()
+        return store
+
     def _teacher_outputs_for(self, inputs: dict[str, Any], teacher_input: torch.Tensor, training: bool):
-        """Teacher logits (B, K) and pooled tap (B, C_T): from the cache in training when it has them."""
+        """Teacher logits (B, K) and pooled tap (B, C_T): from the store in training when it has them."""
         indices = inputs.get(INDEX_KEY)
         if self.teacher_cache is None or not training or indices is None:
             return self.teacher.outputs(teacher_input)
@@ -198,7 +247,8 @@ class UDKDTrainer(Trainer):
         def compute(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             return self.teacher.outputs(teacher_input if rows is None else teacher_input[rows])
 
-        return self.teacher_cache.fetch(indices, compute, teacher_input.device)
+        views = inputs.get(VIEW_KEY, torch.zeros_like(indices))
+        return self.teacher_cache.fetch(indices, views, compute, teacher_input.device)
 
     def _logit_weight(self) -> float:
         if self.args.logit_loss != "dkd" or self.args.dkd_warmup_epochs <= 0:
