@@ -321,6 +321,7 @@ class TeacherStore:
         # Rows this process computed (its shard) and those not yet sent to the other processes.
         self._mine = torch.zeros(rows, dtype=torch.bool)
         self._unsent: list[torch.Tensor] = []
+        self._unsaved = False
         if directory is not None:
             self._open(directory)
 
@@ -385,6 +386,7 @@ class TeacherStore:
         self.filled[rows] = True
         self._mine[rows] = True
         self._unsent.append(rows)
+        self._unsaved = True
 
     # -- sharing between processes and runs
 
@@ -414,9 +416,11 @@ class TeacherStore:
             self.filled[received] = True
 
     def save(self) -> None:
-        """Write this process's shard (the rows it computed, in this run or an earlier one); atomic."""
-        if self.directory is None or not bool(self._mine.any()):
+        """Write this process's shard (the rows it computed, in this run or an earlier one) if it has new rows;
+        atomic (a reader never sees half a shard)."""
+        if self.directory is None or not self._unsaved:
             return
+        self._unsaved = False
         rows = torch.nonzero(self._mine).flatten()
         path = self._shard_path(self.process_index)
         save_file(

@@ -148,9 +148,10 @@ class UDKDTrainer(Trainer):
         self._saving_checkpoint = False
         self.teacher_cache: TeacherStore | None = None
         self._replay: ReplayDataset | None = None
-        if args.teacher_cache:
-            if teacher is None:
-                raise ValueError("teacher_cache=True stores a teacher's outputs, but no teacher_model was given")
+        if args.teacher_cache and teacher is None:
+            # The example script trains its built-in teacher with the distillation's arguments.
+            logger.info("teacher_cache=True has no effect without a teacher_model: the student trains alone")
+        elif args.teacher_cache:
             self.teacher_cache, self._replay = build_teacher_store(
                 train_dataset, self._store_collator(), teacher, args
             )

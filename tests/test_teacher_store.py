@@ -174,8 +174,10 @@ def test_store_on_disk_is_safetensors_shards_read_by_every_process(tmp_path):
     reader = TeacherStore(N, V, C, K, torch.float32, FINGERPRINT, directory, process_index=0)
     assert reader.is_full
     torch.testing.assert_close(reader.logits, _teacher_rows(torch.arange(N * V))[0], rtol=0, atol=0)
+    reader.put(torch.tensor([1]), *_teacher_rows(torch.tensor([1])))
     reader.save()
-    assert load_file(str(tmp_path / "store" / "shard-00000.safetensors"))["rows"].tolist() == list(range(0, N * V, 2))
+    rewritten = load_file(str(tmp_path / "store" / "shard-00000.safetensors"))["rows"].tolist()
+    assert rewritten == sorted([*range(0, N * V, 2), 1])
     with pytest.raises(ValueError, match="teacher_cache_views: stored 2, now 3"):
         TeacherStore(N, V, C, K, torch.float32, {"views": 3}, directory)
 
