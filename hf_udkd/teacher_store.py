@@ -174,7 +174,7 @@ def _probe_indices(num_examples: int, count: int = 8) -> list[int]:
 def check_replayable(replay: ReplayDataset, collator: Callable) -> str:
     """Refuse a training set whose views do not replay, or a random collator; return a digest of the views.
 
-    Reads each probe example in its first and last view twice, and collates the probe examples four times.
+    Reads each probe example in views 0, 1 and V-1 twice, and collates the probe examples four times.
     The generators are restored afterwards, so the check changes neither data order nor augmentation. The
     digest (of the probe examples' inputs and labels, every view read) goes into the store's fingerprint.
     """
