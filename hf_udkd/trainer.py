@@ -98,7 +98,7 @@ class UDKDTrainer(Trainer):
             raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
         student = load_model(model, "student")
         teacher_module = load_model(teacher_model, "teacher") if teacher_model is not None else None
-        validation.check_datasets(train_dataset, eval_dataset, validation.num_labels(student))
+        validation.check_not_empty(train_dataset, eval_dataset)
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
         validation.check_pixel_values(probe, student, teacher_module)
         with whole_weights(student):
@@ -117,6 +117,7 @@ class UDKDTrainer(Trainer):
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         set_seed(args.seed)
         distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
+        validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
         validation.check_last_batch(distiller, train_dataset, args)
 
         super().__init__(

@@ -49,21 +49,14 @@ def _has_length(dataset: Any) -> bool:
     )
 
 
-def check_not_empty(name: str, dataset: Any) -> None:
-    if _has_length(dataset) and len(dataset) == 0:
-        raise ValueError(
-            f"{name} is empty: the student has no examples to learn from or be scored on. Check the split and "
-            "any filtering that built it, or pass None for a data set that is not needed."
-        )
-
-
-def num_labels(model: nn.Module) -> int | None:
-    """The number of classes K of a transformers model (``config.num_labels``) or a timm model (``num_classes``)."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "num_labels", None) is not None:
-        return int(config.num_labels)
-    classes = getattr(model, "num_classes", None)
-    return int(classes) if isinstance(classes, int) else None
+def check_not_empty(train_dataset: Any, eval_dataset: Any) -> None:
+    """Every data set given (of known length) holds examples."""
+    for name, dataset in _named_datasets(train_dataset, eval_dataset):
+        if _has_length(dataset) and len(dataset) == 0:
+            raise ValueError(
+                f"{name} is empty: the student has no examples to learn from or be scored on. Check the split and "
+                "any filtering that built it, or pass None for a data set that is not needed."
+            )
 
 
 def _label_key(example: dict[str, Any]) -> str | None:
@@ -135,11 +128,10 @@ def check_label_range(name: str, labels: np.ndarray, k: int) -> None:
         )
 
 
-def check_datasets(train_dataset: Any, eval_dataset: Any, k: int | None) -> None:
-    """Every data set given is non-empty, and its labels, when its examples have them, are integer classes of
-    the student's ``k`` (no range check when ``k`` is unknown). Examples without labels are legal (distilled)."""
+def check_labels(train_dataset: Any, eval_dataset: Any, k: int) -> None:
+    """The labels of every data set whose examples have them are integer classes of the student's ``k`` (or
+    ``IGNORE_INDEX``). Examples without labels are legal: they are distilled."""
     for name, dataset in _named_datasets(train_dataset, eval_dataset):
-        check_not_empty(name, dataset)
         if not _has_length(dataset):
             continue
         example = dataset[0]
@@ -147,8 +139,7 @@ def check_datasets(train_dataset: Any, eval_dataset: Any, k: int | None) -> None
         if key is None:
             continue
         check_label_dtype(name, key, example[key])
-        if k is not None:
-            check_label_range(name, read_labels(dataset, key), k)
+        check_label_range(name, read_labels(dataset, key), k)
 
 
 def _check_images(pixel_values: torch.Tensor, model: nn.Module, role: str, key: str) -> None:
