@@ -200,7 +200,8 @@ def smallest_batch(
         num_devices: GPUs of one process under ``DataParallel``, which splits each batch with ``Tensor.chunk``.
         drop_last, split_batches, even_batches: as in ``TrainingArguments`` and its ``accelerator_config``.
     """
-    full = batch_size // num_processes if split_batches else batch_size
+    # max(1, ...): a batch that does not split over the processes is accelerate's to refuse, with its own message.
+    full = max(1, batch_size // num_processes) if split_batches else batch_size
     remainder = num_examples % batch_size
     if drop_last or remainder == 0 or (num_processes > 1 and even_batches):
         last = full
