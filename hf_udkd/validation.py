@@ -24,7 +24,6 @@ from torch import nn
 from .config import UDKDTrainingArguments
 from .constants import IGNORE_INDEX, TEACHER_INPUT
 
-# Cross-entropy's ignore index: an example marked unlabelled, which gets the distillation terms only.
 # The keys transformers' data collators read as labels, in their order of precedence.
 LABEL_KEYS = ("labels", "label", "label_ids")
 # How many examples are read, transform and all, when a data set's labels cannot be read as a column.
