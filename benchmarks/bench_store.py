@@ -5,11 +5,13 @@ resized crop + flip, ``crop_scale_min`` of the built-in run), at the default Uni
 and ViT-S-sized teachers and the ResNet-18-sized student of ``benchmarks/bench_speed.py``. Per pair:
 
 - epoch times, through ``UDKDTrainer.train()`` and its DataLoader (the transform included), of
-  ``student`` (the student alone, cross-entropy), ``uncached`` (UniKD, the teacher run every step) and
-  ``store`` (UniKD fed by a full store of V views, the teacher never run). The configurations take turns epoch
-  by epoch, the order rotated every round; ratios are medians of per-round ratios, as in bench_speed.py.
-- the precompute pass (``trainer.precompute_teacher_outputs()``: reading N x V views through the transform and
-  the teacher's forward) against the teacher's forward alone over the same N x V images, already in memory.
+  ``student`` (the student alone, cross-entropy), ``uncached`` (UniKD, the teacher run every step), ``store``
+  (UniKD fed by a full store of V views, the teacher never run) and ``store_kd`` (logit KD, ``use_fdp=False``,
+  fed by the same store: what the store itself costs, without UniKD's heads). The configurations take turns
+  epoch by epoch, the order rotated every round; ratios are medians of per-round ratios, as in bench_speed.py.
+- the precompute pass (``trainer.precompute_teacher_outputs()``: reading N x V views through the transform, the
+  teacher's forward, writing the shard) against the teacher's forward alone over the same N x V images, already
+  in memory. The ``store_kd`` trainer then opens the store the precompute wrote, as a later run would.
 
 Run (writes ``benchmarks/results/store_cpu.{json,md}``):
 
@@ -55,7 +57,7 @@ from hf_udkd.precompute import load_example  # noqa: E402
 # Targets of issue #13.
 TARGET_STORE_VS_STUDENT = 1.10
 TARGET_PRECOMPUTE_VS_FORWARD = 1.05
-CONFIGURATIONS = ("student", "uncached", "store")
+CONFIGURATIONS = ("student", "uncached", "store", "store_kd")
 
 
 class EpochTimer(TrainerCallback):
@@ -104,11 +106,12 @@ def benchmark_pair(name: str, teacher_config, student_config, train, options: ar
                    log: Callable[[str], None]) -> dict[str, Any]:
     teacher, student = build(teacher_config), build(student_config)
     with tempfile.TemporaryDirectory(prefix="bench_store_") as output_dir:
+        store_options = {"teacher_cache": True, "teacher_cache_views": options.views,
+                         "teacher_cache_dir": os.path.join(output_dir, "store")}
         trainers = {
             "student": make_trainer(student, None, train, options, output_dir),
             "uncached": make_trainer(student, teacher, train, options, output_dir),
-            "store": make_trainer(student, teacher, train, options, output_dir, teacher_cache=True,
-                                  teacher_cache_views=options.views),
+            "store": make_trainer(student, teacher, train, options, output_dir, **store_options),
         }
         store_trainer = trainers["store"]
         store = store_trainer.teacher_cache
@@ -128,15 +131,18 @@ def benchmark_pair(name: str, teacher_config, student_config, train, options: ar
             forward.append(teacher_forward_seconds(store_trainer, batches))
             log(f"  {name}: precompute round {round_index + 1}/{options.rounds}: {precompute[-1]:.1f} s, "
                 f"teacher forward {forward[-1]:.1f} s")
-        if not store.is_full:
+        trainers["store_kd"] = make_trainer(student, teacher, train, options, output_dir, use_fdp=False,
+                                            **store_options)
+        if not (store.is_full and trainers["store_kd"].teacher_cache.is_full):
             raise RuntimeError("precompute left rows of the store empty")
 
         timers = {key: EpochTimer() for key in CONFIGURATIONS}
         for key, trainer in trainers.items():
             trainer.add_callback(timers[key])
         calls = {"teacher": 0}
-        store_trainer.teacher_model.register_forward_pre_hook(
-            lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
+        for key in ("store", "store_kd"):
+            trainers[key].teacher_model.register_forward_pre_hook(
+                lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
         order = list(CONFIGURATIONS)
         for round_index in range(options.warmup + options.rounds):
             shift = round_index % len(order)
@@ -145,7 +151,7 @@ def benchmark_pair(name: str, teacher_config, student_config, train, options: ar
             log(f"  {name}: epoch round {round_index + 1}/{options.warmup + options.rounds}: "
                 + ", ".join(f"{key} {timers[key].seconds[-1]:.1f} s" for key in CONFIGURATIONS))
         if calls["teacher"]:
-            raise RuntimeError(f"the store-fed trainer ran the teacher {calls['teacher']} times")
+            raise RuntimeError(f"the store-fed trainers ran the teacher {calls['teacher']} times")
     epochs = {key: timers[key].seconds[options.warmup:] for key in CONFIGURATIONS}
     store_vs_student = paired_ratio(epochs["store"], epochs["student"])
     precompute_vs_forward = statistics.median(p / f for p, f in zip(precompute, forward, strict=True))
@@ -156,6 +162,7 @@ def benchmark_pair(name: str, teacher_config, student_config, train, options: ar
         "epoch_seconds": {key: statistics.median(values) for key, values in epochs.items()},
         "epoch_seconds_all": epochs,
         "store_vs_student": store_vs_student,
+        "store_kd_vs_student": paired_ratio(epochs["store_kd"], epochs["student"]),
         "uncached_vs_student": paired_ratio(epochs["uncached"], epochs["student"]),
         "store_vs_uncached": paired_ratio(epochs["store"], epochs["uncached"]),
         "precompute_seconds": statistics.median(precompute),
@@ -183,15 +190,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        "| teacher -> student | student epoch s | uncached UniKD epoch s | store-fed UniKD epoch s | store x student "
-        "| uncached x student | store x uncached | precompute s | teacher forward s | precompute x forward |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| teacher -> student | student epoch s | uncached UniKD epoch s | store-fed UniKD epoch s "
+        "| store-fed KD epoch s | store x student | store KD x student | uncached x student | store x uncached "
+        "| precompute s | teacher forward s | precompute x forward |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for pair in result["pairs"]:
         e = pair["epoch_seconds"]
         lines.append(
             f"| {pair['teacher']} -> {pair['student']} | {e['student']:.2f} | {e['uncached']:.2f} | {e['store']:.2f} "
-            f"| {pair['store_vs_student']:.2f} | {pair['uncached_vs_student']:.2f} | {pair['store_vs_uncached']:.2f} "
+            f"| {e['store_kd']:.2f} | {pair['store_vs_student']:.2f} | {pair['store_kd_vs_student']:.2f} "
+            f"| {pair['uncached_vs_student']:.2f} | {pair['store_vs_uncached']:.2f} "
             f"| {pair['precompute_seconds']:.2f} | {pair['teacher_forward_seconds']:.2f} "
             f"| {pair['precompute_vs_forward']:.2f} |"
         )

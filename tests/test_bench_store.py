@@ -15,7 +15,7 @@ def test_bench_store_quick_run_reports_epochs_and_precompute(tmp_path):
     written = json.loads((tmp_path / "store_cpu_quick.json").read_text())
     pair = result["pairs"][0]
     assert written["pairs"][0]["epoch_seconds"] == pair["epoch_seconds"]
-    assert set(pair["epoch_seconds"]) == {"student", "uncached", "store"}
+    assert set(pair["epoch_seconds"]) == {"student", "uncached", "store", "store_kd"}
     assert all(seconds > 0 for seconds in pair["epoch_seconds"].values())
     assert pair["precompute_seconds"] > 0 and pair["teacher_forward_seconds"] > 0
     # 32 images x 2 views x (10 logits + the 256-channel tap of the quick teacher), float32.
