@@ -13,9 +13,14 @@ and ViT-S-sized teachers and the ResNet-18-sized student of ``benchmarks/bench_s
   teacher's forward, writing the shard) against the teacher's forward alone over the same N x V images, already
   in memory. The ``store_kd`` trainer then opens the store the precompute wrote, as a later run would.
 
-Run (writes ``benchmarks/results/store_cpu.{json,md}``):
+With ``--accuracy``, instead: the example script's built-in run (Animal-MNIST, its ResNet teacher and student,
+its random transform) for E epochs, uncached (a fresh view every epoch) against a store of V = E/4 views filled
+in the first V epochs, on paired seeds; the teacher is trained once and shared.
+
+Run (writes ``benchmarks/results/store_cpu.{json,md}``, or ``store_accuracy_cpu.{json,md}``):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_store.py
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_store.py --accuracy
     python benchmarks/bench_store.py --quick --output-dir /tmp/bench     # tiny models, seconds
 """
 
@@ -212,6 +217,59 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def accuracy_study(options: argparse.Namespace, argv: list[str] | None, log: Callable[[str], None]) -> dict:
+    """Student accuracy after E epochs, uncached against store-fed (V = E/4), on paired seeds."""
+    example = load_example()
+    views = max(1, options.epochs // 4)
+    runs: dict[str, list[float]] = {"uncached": [], "store": []}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_store_accuracy_") as output_dir:
+        # One output_dir: the first run trains the built-in teacher in <output_dir>/teacher, the others reuse it.
+        common = ["--output_dir", output_dir, "--num_train_epochs", str(options.epochs), "--max_train_samples",
+                  str(options.accuracy_examples), "--eval_strategy", "no", "--disable_tqdm", "true"]
+        for seed in options.seeds:
+            for mode in runs:
+                store = ["--teacher_cache", "--teacher_cache_views", str(views)] if mode == "store" else []
+                summary = example.main([*common, "--seed", str(seed), *store])
+                runs[mode].append(summary.student_accuracy)
+                log(f"  seed {seed}, {mode}: accuracy {summary.student_accuracy:.4f} ({summary.seconds:.0f} s)")
+    mean = {mode: statistics.mean(values) for mode, values in runs.items()}
+    std = {mode: statistics.stdev(values) for mode, values in runs.items()}
+    within = abs(mean["store"] - mean["uncached"]) <= std["uncached"]
+    return {
+        "machine": machine(argparse.Namespace(device="cpu", bf16=False)),
+        "command": "python benchmarks/bench_store.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "epochs": options.epochs, "views": views, "train_examples": options.accuracy_examples,
+        "seeds": options.seeds, "accuracy": runs, "mean": mean, "std": std,
+        "paired_differences": [s - u for s, u in zip(runs["store"], runs["uncached"], strict=True)],
+        "target": {"value": mean["store"] - mean["uncached"], "target": f"|difference| <= {std['uncached']:.4f}",
+                   "met": within},
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+def accuracy_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"The example script's built-in run on CPU ({m['cpu_count']} cores, {m['torch_threads']} torch threads): "
+        f"{result['train_examples']} Animal-MNIST training images, its random transform, {result['epochs']} epochs; "
+        f"store of {result['views']} views filled in the first {result['views']} epochs against a fresh view every "
+        f"epoch; seeds {result['seeds']} (paired); validation accuracy on the whole validation split.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| run | " + " | ".join(f"seed {s}" for s in result["seeds"]) + " | mean | std |",
+        "|---|" + "---:|" * (len(result["seeds"]) + 2),
+    ]
+    for mode, values in result["accuracy"].items():
+        lines.append(f"| {mode} | " + " | ".join(f"{100 * v:.2f}" for v in values)
+                     + f" | {100 * result['mean'][mode]:.2f} | {100 * result['std'][mode]:.2f} |")
+    target = result["target"]
+    lines += ["", f"Store - uncached: {100 * target['value']:+.2f} points (target: within one standard deviation of "
+              f"the uncached runs, {100 * result['std']['uncached']:.2f}): {'met' if target['met'] else 'NOT met'}."]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=128, help="training images per epoch")
@@ -222,6 +280,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--pairs", nargs="+", choices=["resnet", "vit"], default=["resnet", "vit"])
     parser.add_argument("--quick", action="store_true", help="tiny models, 32 images at 32x32, 1 round")
+    parser.add_argument("--accuracy", action="store_true", help="the accuracy study instead of the timings")
+    parser.add_argument("--epochs", type=int, default=8, help="--accuracy: epochs E (views V = E/4)")
+    parser.add_argument("--accuracy-examples", type=int, default=2000, help="--accuracy: training images")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--accuracy: paired seeds")
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     options = parser.parse_args(argv)
     if options.quick:
@@ -234,6 +296,8 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
+        if options.accuracy:
+            return write(accuracy_study(options, argv, log), accuracy_markdown, options, "store_accuracy_cpu", log)
         return run(options, argv, log)
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -255,11 +319,16 @@ def run(options: argparse.Namespace, argv: list[str] | None, log: Callable[[str]
         result["pairs"].append(benchmark_pair(pair, teachers[pair], resnet18_like(names, options.quick), train,
                                               options, log))
     result["wall_seconds"] = time.perf_counter() - start
+    return write(result, markdown, options, "store_cpu" + ("_quick" if options.quick else ""), log)
+
+
+def write(result: dict[str, Any], to_markdown: Callable[[dict], str], options: argparse.Namespace, name: str,
+          log: Callable[[str], None]) -> dict[str, Any]:
     os.makedirs(options.output_dir, exist_ok=True)
-    stem = os.path.join(options.output_dir, "store_cpu" + ("_quick" if options.quick else ""))
+    stem = os.path.join(options.output_dir, name)
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    table = markdown(result)
+    table = to_markdown(result)
     with open(stem + ".md", "w") as f:
         f.write(table)
     log(table)

@@ -1,9 +1,10 @@
-"""Smoke run of benchmarks/bench_store.py --quick, in-process: every configuration trains, reports and is written."""
+"""Smoke runs of benchmarks/bench_store.py: --quick (every configuration trains, reports and is written), --accuracy."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import load_script
 
 
@@ -23,3 +24,14 @@ def test_bench_store_quick_run_reports_epochs_and_precompute(tmp_path):
     assert set(pair["targets"]) == {"store_epoch_vs_student_epoch", "precompute_vs_teacher_forward"}
     table = (tmp_path / "store_cpu_quick.md").read_text()
     assert "| store x student |" in table and "| precompute x forward |" in table
+
+
+@pytest.mark.slow
+def test_bench_store_accuracy_mode_pairs_seeds(tmp_path):
+    bench = load_script("benchmarks/bench_store.py")
+    result = bench.main(["--accuracy", "--epochs", "4", "--accuracy-examples", "64", "--seeds", "0", "1",
+                         "--output-dir", str(tmp_path)], log=lambda _line: None)
+    assert result["views"] == 1 and set(result["accuracy"]) == {"uncached", "store"}
+    assert all(len(values) == 2 and all(0 <= v <= 1 for v in values) for values in result["accuracy"].values())
+    assert len(result["paired_differences"]) == 2
+    assert "| store |" in (tmp_path / "store_accuracy_cpu.md").read_text()
