@@ -11,7 +11,9 @@ from accelerate.state import AcceleratorState
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, SaveStrategy
 from transformers.utils import logging
 from transformers.utils.hub import hf_api
 
@@ -20,7 +22,7 @@ from .config import UDKDTrainingArguments
 from .constants import INDEX_KEY, TEACHER_INPUT
 from .modeling import LOSS_TERMS, DistillationModel
 from .taps import FeatureTap
-from .teacher import Teacher, check_same_labels, load_model, whole_weights
+from .teacher import Teacher, check_same_labels, label_names, load_model, whole_weights
 from .teacher_cache import IndexedCollator, IndexedDataset, TeacherCache, build_teacher_cache
 
 logger = logging.get_logger(__name__)
@@ -107,6 +109,8 @@ class UDKDTrainer(Trainer):
                 args.teacher_layers, args.teacher_stage,
             )
             check_same_labels(student, teacher.module, student_tap.num_labels, teacher.num_labels)
+        teacher_folder = checkpoint.source_folder(teacher.module) if teacher is not None else None
+        checkpoint.refuse_teacher_folder(args.output_dir, teacher_folder)
         if getattr(args, "deepspeed_plugin", None) is not None:
             # A Trainer that ran before in this process (a teacher's, say) left its DeepSpeed state, and accelerate
             # refuses a second one; transformers resets it the same way between hyperparameter-search trials.
@@ -136,7 +140,10 @@ class UDKDTrainer(Trainer):
             teacher.prepare(self.accelerator, args, getattr(self.accelerator.state, "deepspeed_plugin", None))
             if teacher is not None else None
         )
+        self._teacher_folder = teacher_folder
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
+        # (len(LOSS_TERMS), 2) on the device: first and last global step in which each term was not finite.
+        self._non_finite_steps: torch.Tensor | None = None
         self._checked_finite = False
         self._saving_checkpoint = False
         self.teacher_cache: TeacherCache | None = None
@@ -247,19 +254,50 @@ class UDKDTrainer(Trainer):
             if value is not None:
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * batch_size
         sums["count"] = sums.get("count", 0) + batch_size
-        if split == "train" and not self._checked_finite:
-            # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
-            self._checked_finite = True
-            self._raise_if_not_finite({k: v for k, v in sums.items() if k != "count"}, "the first step")
+        if split == "train":
+            self._mark_non_finite_steps(outputs)
+            if not self._checked_finite:
+                # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
+                self._checked_finite = True
+                self._raise_if_non_finite_steps()
+
+    def _mark_non_finite_steps(self, outputs) -> None:
+        """Record, on the device (no host sync), the first and last step in which each term was not finite."""
+        device = outputs.loss.device
+        bad = torch.stack([
+            ~torch.isfinite(term.detach()).all() if term is not None else torch.zeros((), dtype=torch.bool, device=device)
+            for term in (getattr(outputs, name) for name in LOSS_TERMS)
+        ])
+        if self._non_finite_steps is None:
+            never = torch.tensor([torch.iinfo(torch.int64).max, -1], device=device)
+            self._non_finite_steps = never.repeat(len(LOSS_TERMS), 1)
+        step = self.state.global_step + 1
+        first, last = self._non_finite_steps.unbind(-1)
+        self._non_finite_steps = torch.stack([torch.where(bad, first.clamp(max=step), first),
+                                              torch.where(bad, step, last)], dim=-1)
+
+    def _raise_if_non_finite_steps(self) -> None:
+        """Raise if a loss term was not finite in any step on any process so far: at logging and before saves."""
+        if self._non_finite_steps is None:
+            return
+        steps = self.accelerator.gather(self._non_finite_steps.unsqueeze(0))
+        first, last = steps[..., 0].amin(0).tolist(), steps[..., 1].amax(0).tolist()
+        bad = [f"{name} in step {a}" if a == b else f"{name} in steps {a}-{b}"
+               for name, a, b in zip(LOSS_TERMS, first, last, strict=True) if b >= 0]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite UniKD loss term(s): {', '.join(bad)}. Nothing from these steps is saved: checkpoints "
+                "written before them are untouched. Lower the learning rate, check the inputs, or use bf16 instead "
+                "of fp16; a term going bad alone points at its weight (w_logit, w_feat, w_supp) or at the teacher."
+            )
 
     @staticmethod
     def _raise_if_not_finite(values: dict[str, torch.Tensor], when: str) -> None:
         bad = [name for name, value in values.items() if not torch.isfinite(torch.as_tensor(value)).all()]
         if bad:
             raise FloatingPointError(
-                f"non-finite UniKD loss term(s) {bad} in {when}. Lower the learning rate, check the inputs, "
-                "or use bf16 instead of fp16; a term going bad alone points at its weight (w_logit, w_feat, "
-                "w_supp) or at the teacher."
+                f"non-finite UniKD loss term(s) {bad} in {when}. Check the inputs and the teacher; in training, "
+                "lower the learning rate or use bf16 instead of fp16."
             )
 
     def _reduce_terms(self, split: str) -> dict[str, float]:
@@ -278,6 +316,7 @@ class UDKDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
+            self._raise_if_non_finite_steps()
             logs.update(self._reduce_terms("train"))
         super().log(logs, start_time)
 
@@ -297,28 +336,107 @@ class UDKDTrainer(Trainer):
         """The student being trained (unwrapped)."""
         return self.accelerator.unwrap_model(self.model).student
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the latest *complete* checkpoint
+        in `output_dir`; an incomplete checkpoint, or one written with other distillation options, is refused
+        before anything is loaded."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoint.last_complete(self.args.output_dir)
+        if resume_from_checkpoint:
+            checkpoint.check_resumable(resume_from_checkpoint, checkpoint.distillation_options(self.args))
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
     def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written in `_incomplete-checkpoint-N` and renamed to `checkpoint-N` once
+        complete, so that a crash leaves a complete checkpoint or none. Refused when a loss term or a weight is not
+        finite; rotation (`save_total_limit`) never deletes the checkpoint just written or the best one."""
+        self._raise_if_non_finite_steps()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = checkpoint.staging_folder(folder)
+        if self.args.should_save:
+            checkpoint.prepare_staging(run_dir, staging)
+        self.accelerator.wait_for_everyone()
         self._saving_checkpoint = True
         try:
-            super()._save_checkpoint(model, trial)
+            self.save_model(staging, _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(staging)
+                self._save_scaler(staging)
+                self._save_rng_state(staging)
         finally:
             self._saving_checkpoint = False
+        self._update_best_checkpoint(run_dir, folder)
+        if self.args.should_save:
+            self._save_trainer_state(staging)
+        # Every process has written its files (RNG and noise states) before the folder is declared complete.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoint.publish(staging, folder, checkpoint.distillation_options(self.args))
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(folder)
+        if self.args.should_save:
+            checkpoint.rotate(run_dir, self.args.save_total_limit, [folder, self.state.best_model_checkpoint])
+
+    def _update_best_checkpoint(self, run_dir: str, folder: str) -> None:
+        """`state.best_model_checkpoint` under its final name, as `Trainer._save_checkpoint` sets it."""
+        strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        if self.args.save_strategy in strategies and self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if best == folder or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+
+    def _save_trainer_state(self, output_dir: str) -> None:
+        """`trainer_state.json` with the state of every stateful callback, as `Trainer._save_checkpoint` writes it."""
+        for callback in self.callback_handler.callbacks + [self.control]:
+            if not isinstance(callback, ExportableState):
+                continue
+            name, state = type(callback).__name__, callback.state()
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(state)
+            else:
+                self.state.stateful_callbacks[name] = state
+        self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As [`~transformers.Trainer.save_model`]; refused when a loss term was not finite since training began."""
+        self._raise_if_non_finite_steps()
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the student alone in standard format; in checkpoints, the heads beside it."""
+        """Write the student alone in standard format; in checkpoints, the heads beside it. Refused inside the
+        teacher's folder and for weights that are not finite; another model's files there are removed first."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.refuse_teacher_folder(output_dir, self._teacher_folder)
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         student_state, head_state = checkpoint.split_state(state_dict)
-        checkpoint.save_student(self.student, student_state, output_dir)
+        self._refuse_non_finite_weights(student_state, "student", output_dir)
+        if self._saving_checkpoint:
+            self._refuse_non_finite_weights(head_state, "UniKD heads", output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.remove_stale_model_files(output_dir)
+        labels = label_names(self.teacher_model) if self.teacher_model is not None else None
+        checkpoint.save_student(self.student, student_state, output_dir, labels)
         if self._saving_checkpoint:
             checkpoint.save_heads(head_state, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         checkpoint.save_training_args(self.args, output_dir)
+
+    def _refuse_non_finite_weights(self, state: dict[str, torch.Tensor], role: str, output_dir: str) -> None:
+        bad = checkpoint.non_finite(state)
+        if bad:
+            raise FloatingPointError(
+                f"the {role}'s weights hold NaN or inf at step {self.state.global_step} ({', '.join(bad[:5])}"
+                f"{', ...' if len(bad) > 5 else ''}): nothing was saved to {output_dir}, and checkpoints written "
+                "before are untouched. Lower the learning rate or use bf16 instead of fp16, and resume from the "
+                "last checkpoint."
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
