@@ -134,11 +134,8 @@ def save_student(
 
 
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors of ``state`` holding NaN or inf (one host sync when all are finite)."""
-    floats = {name: t for name, t in state.items() if t.is_floating_point() and t.numel() > 0}
-    if not floats or torch.stack([torch.isfinite(t).all() for t in floats.values()]).all():
-        return []
-    return [name for name, t in floats.items() if not torch.isfinite(t).all()]
+    """Names of the floating-point tensors of ``state`` that hold NaN or inf."""
+    return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def save_heads(state: dict[str, torch.Tensor], output_dir: str) -> None:
@@ -305,8 +302,6 @@ def publish(staging: str, folder: str, options: dict) -> None:
     manifest = {"options": options, "files": _file_sizes(staging)}
     with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
     if os.path.isdir(folder):
         # Rewriting a step (a resume from an earlier checkpoint): the old folder goes by renames, each atomic.
         old = os.path.join(os.path.dirname(folder), DELETING_PREFIX + os.path.basename(folder))
@@ -365,6 +360,7 @@ def last_complete(run_dir: str) -> str:
 
 def check_resumable(folder: str, options: dict) -> None:
     """Refuse an incomplete checkpoint, or one written with other distillation options."""
+    folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise ValueError(f"resume_from_checkpoint={folder!r} is not a folder")
     reason = incomplete_reason(folder)

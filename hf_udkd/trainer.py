@@ -280,8 +280,13 @@ class UDKDTrainer(Trainer):
         """Raise if a loss term was not finite in any step on any process so far: at logging and before saves."""
         if self._non_finite_steps is None:
             return
-        steps = self.accelerator.gather(self._non_finite_steps.unsqueeze(0))
-        first, last = steps[..., 0].amin(0).tolist(), steps[..., 1].amax(0).tolist()
+        first, last = self._non_finite_steps.unbind(-1)
+        # Negated, the first step reduces by max like the last: one collective. torch.distributed directly, since
+        # accelerate reduces by sum or mean only.
+        extremes = torch.stack([-first, last])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+        first, last = (-extremes[0]).tolist(), extremes[1].tolist()
         bad = [f"{name} in step {a}" if a == b else f"{name} in steps {a}-{b}"
                for name, a, b in zip(LOSS_TERMS, first, last, strict=True) if b >= 0]
         if bad:
@@ -356,7 +361,7 @@ class UDKDTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         staging = checkpoint.staging_folder(folder)
-        if self.args.should_save:
+        if self._writes_checkpoint_folders:
             checkpoint.prepare_staging(run_dir, staging)
         self.accelerator.wait_for_everyone()
         self._saving_checkpoint = True
@@ -373,12 +378,19 @@ class UDKDTrainer(Trainer):
             self._save_trainer_state(staging)
         # Every process has written its files (RNG and noise states) before the folder is declared complete.
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
+        if self._writes_checkpoint_folders:
             checkpoint.publish(staging, folder, checkpoint.distillation_options(self.args))
         if self.args.push_to_hub:
             self._push_from_checkpoint(folder)
-        if self.args.should_save:
+        if self._writes_checkpoint_folders:
             checkpoint.rotate(run_dir, self.args.save_total_limit, [folder, self.state.best_model_checkpoint])
+
+    @property
+    def _writes_checkpoint_folders(self) -> bool:
+        """Whether this process creates, completes and rotates the checkpoint folders: one per machine. `should_save`
+        alone can hold on every process of a machine (DeepSpeed on CPU, whose processes accelerate counts as one),
+        which would then race to rename the same folder."""
+        return self.args.should_save and int(os.environ.get("LOCAL_RANK", "0")) == 0
 
     def _update_best_checkpoint(self, run_dir: str, folder: str) -> None:
         """`state.best_model_checkpoint` under its final name, as `Trainer._save_checkpoint` sets it."""
