@@ -378,6 +378,21 @@ def checkpoint_files(checkpoint: str | os.PathLike) -> list[str]:
     )
 
 
+def training_push_files(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, checkpoint_in_repo: str | None
+) -> dict[str, str | bytes]:
+    """What a push during training sends (path in the repository -> local path or contents): the student's
+    config, weights and image processor from ``checkpoint`` and the card and plot of ``output_dir`` at the root,
+    and with ``checkpoint_in_repo`` the [`checkpoint_files`] in that folder."""
+    files: dict[str, str | bytes] = {name: os.path.join(checkpoint, name) for name in model_files(checkpoint)}
+    # The next save rewrites the card and plot in place, perhaps while this push runs: send their contents.
+    files.update({name: Path(output_dir, name).read_bytes() for name in card_files(output_dir)})
+    if checkpoint_in_repo is not None:
+        files.update({f"{checkpoint_in_repo}/{name}": os.path.join(checkpoint, name)
+                      for name in checkpoint_files(checkpoint)})
+    return files
+
+
 def commit_files(
     api: HfApi,
     repo_id: str,

@@ -539,17 +539,10 @@ class UDKDTrainer(Trainer):
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        output_dir = self.args.output_dir
         self.create_model_card(model_name=self._default_model_name())
-        files: dict[str, str | bytes] = {
-            name: os.path.join(checkpoint_folder, name) for name in model_card.model_files(checkpoint_folder)
-        }
-        # The next save rewrites the card and plot in place, perhaps while this commit runs: send their contents.
-        files.update({name: Path(output_dir, name).read_bytes() for name in model_card.card_files(output_dir)})
-        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            folder = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
-            files.update({f"{folder}/{name}": os.path.join(checkpoint_folder, name)
-                          for name in model_card.checkpoint_files(checkpoint_folder)})
+        folder_in_repo = {HubStrategy.CHECKPOINT: "last-checkpoint",
+                          HubStrategy.ALL_CHECKPOINTS: Path(checkpoint_folder).name}.get(self.args.hub_strategy)
+        files = model_card.training_push_files(checkpoint_folder, self.args.output_dir, folder_in_repo)
         if self.args.save_strategy == SaveStrategy.STEPS:
             commit_message = f"Training in progress, step {self.state.global_step}"
         else:

@@ -23,8 +23,10 @@ from hf_udkd.model_card import (
     display_name,
     hub_id,
     plot_loss_terms,
+    student_files,
     template_path,
     training_hyperparameters,
+    training_push_files,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -233,3 +235,28 @@ def test_card_after_a_bare_evaluate_lists_the_metrics(tmp_path, resnet_teacher, 
     results = {r.metric_type: r for r in card.data.eval_results}
     assert results["accuracy"].metric_value == round(measured, 4)
     assert results["accuracy"].dataset_name == DEFAULT_DATASET_NAME
+
+
+def test_pushed_files_are_listed_one_by_one(tmp_path):
+    """What a push sends: the student at the root, the checkpoint (its subfolders too) without
+    training_args.bin; nothing else of output_dir, such as a teacher kept there."""
+    output_dir = tmp_path / "out"
+    checkpoint = output_dir / "checkpoint-4"
+    names = ["config.json", "model.safetensors", "preprocessor_config.json", "udkd_heads.safetensors",
+             "optimizer.pt", "trainer_state.json", "training_args.bin", "global_step4/zero_pp_rank_0_states.pt"]
+    for name in names:
+        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / name).write_bytes(name.encode())
+    for name in ("README.md", PLOT_NAME, "config.json", "model.safetensors", "training_args.bin",
+                 "teacher/model.safetensors", "teacher/config.json", "udkd_heads.safetensors"):
+        (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (output_dir / name).write_bytes(b"root " + name.encode())
+
+    assert student_files(output_dir) == ["config.json", "model.safetensors", "README.md", PLOT_NAME]
+    files = training_push_files(checkpoint, output_dir, "last-checkpoint")
+    root = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", PLOT_NAME}
+    resumable = {f"last-checkpoint/{name}" for name in names if name != "training_args.bin"}
+    assert set(files) == root | resumable
+    assert files["model.safetensors"] == str(checkpoint / "model.safetensors")  # this checkpoint's weights
+    assert files["README.md"] == b"root README.md"  # contents: the next save rewrites the card in place
+    assert set(training_push_files(checkpoint, output_dir, None)) == root
