@@ -289,11 +289,14 @@ def prepare_staging(run_dir: str, staging: str) -> None:
 
 
 def _file_sizes(folder: str) -> dict[str, int]:
+    """The size of every file resuming reads: all but ``training_args.bin``, which is written for people, never
+    read back, and left out of the checkpoints pushed to the Hub."""
     sizes = {}
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
-            sizes[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+            if name != TRAINING_ARGS_NAME:
+                sizes[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
     return sizes
 
 
