@@ -102,6 +102,8 @@ class UDKDTrainer(Trainer):
             raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
         student = load_model(model, "student")
         teacher_module = load_model(teacher_model, "teacher") if teacher_model is not None else None
+        teacher_folder = checkpoint.source_folder(teacher_module) if teacher_module is not None else None
+        checkpoint.refuse_teacher_folder(args.output_dir, teacher_folder)
         validation.check_not_empty(train_dataset, eval_dataset)
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
         validation.check_pixel_values(probe, student, teacher_module)
@@ -114,8 +116,6 @@ class UDKDTrainer(Trainer):
                 args.teacher_layers, args.teacher_stage,
             )
             check_same_labels(student, teacher.module, student_tap.num_labels, teacher.num_labels)
-        teacher_folder = checkpoint.source_folder(teacher.module) if teacher is not None else None
-        checkpoint.refuse_teacher_folder(args.output_dir, teacher_folder)
         if getattr(args, "deepspeed_plugin", None) is not None:
             # A Trainer that ran before in this process (a teacher's, say) left its DeepSpeed state, and accelerate
             # refuses a second one; transformers resets it the same way between hyperparameter-search trials.
@@ -577,7 +577,9 @@ class UDKDTrainer(Trainer):
             student_architecture=type(student).__name__,
             student_parameters=model_card.count_parameters(student),
             student_origin=finetuned_from or model_card.origin(student),
-            library_name="transformers" if isinstance(student, PreTrainedModel) else None,
+            # Raw timm students are saved in the format of transformers' TimmWrapper.
+            library_name="transformers" if isinstance(student, PreTrainedModel) or checkpoint.is_timm_model(student)
+            else None,
             teacher_name=(teacher_name or model_card.display_name(teacher)) if teacher is not None else None,
             teacher_origin=model_card.origin(teacher) if teacher is not None else None,
             teacher_architecture=type(teacher).__name__ if teacher is not None else None,

@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 from conftest import ROOT, build, load_script, resnet_config, vit_config
+from huggingface_hub import metadata_load
 from PIL import Image
 from transformers import (
     AutoModelForImageClassification,
@@ -288,6 +289,8 @@ def test_raw_timm_student_loads_through_auto_classes_and_pipeline(tmp_path, resn
                       reverse=True)
     assert [p["label"] for p in predictions] == [label for _, label in expected]
     assert [p["score"] for p in predictions] == pytest.approx([score for score, _ in expected], abs=1e-6)
+    trainer.create_model_card()
+    assert metadata_load(tmp_path / "run" / "README.md")["library_name"] == "transformers"
 
     # A checkpoint of a raw timm student restores it.
     fresh = timm.create_model("resnet10t", pretrained=False, num_classes=10)
