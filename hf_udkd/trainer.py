@@ -69,8 +69,9 @@ class UDKDTrainer(Trainer):
             Training and distillation options.
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for [`~transformers.Trainer`]. Examples must hold `pixel_values` and `labels`; an optional
-            `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
+            As for [`~transformers.Trainer`]. Examples hold `pixel_values` and `labels`; with a teacher, training
+            labels are optional (`-100`, or no `labels` key: distillation terms only), evaluation needs them. An
+            optional `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
     """
 
     _tag_names = ["hf_udkd", "knowledge-distillation", "unikd", "image-classification"]
