@@ -11,8 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# The label of an unlabelled example (transformers' convention): it gets the distillation terms only.
-IGNORE_INDEX = -100
+from .constants import IGNORE_INDEX
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -14,8 +14,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .config import UDKDTrainingArguments
+from .constants import IGNORE_INDEX
 from .heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
-from .losses import IGNORE_INDEX, cross_entropy, dkd_loss, gaussian_kl, kd_terms
+from .losses import cross_entropy, dkd_loss, gaussian_kl, kd_terms
 from .taps import FeatureTap, StageInfo
 
 LOSS_TERMS = ("loss_ce", "loss_logit", "loss_feat", "loss_supp")

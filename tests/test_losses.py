@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
+from hf_udkd.constants import IGNORE_INDEX
 from hf_udkd.heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
-from hf_udkd.losses import IGNORE_INDEX, cross_entropy, dkd_loss, gaussian_kl, kd_loss, kd_terms, standardize
+from hf_udkd.losses import cross_entropy, dkd_loss, gaussian_kl, kd_loss, kd_terms, standardize
 
 torch.manual_seed(0)
 S, T = torch.randn(8, 10), torch.randn(8, 10)

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from hf_udkd import DistillationModel, FeatureTap, UDKDTrainer, UDKDTrainingArguments
-from hf_udkd.losses import IGNORE_INDEX, standardize
+from hf_udkd.constants import IGNORE_INDEX
+from hf_udkd.losses import standardize
 from hf_udkd.teacher import Teacher
 
 DISTILLATION_TERMS = ("loss_logit", "loss_feat", "loss_supp")
