@@ -444,14 +444,21 @@ def distillation_settings(
     method = "UniKD" if args.use_fdp else args.logit_loss.upper()
     settings: dict[str, Any] = {"method": method, "paper": PAPER if args.use_fdp else None,
                                 "logit_loss": args.logit_loss, "temperature": args.temperature,
-                                "w_logit": args.w_logit}
+                                "w_ce": args.w_ce, "w_logit": args.w_logit,
+                                "logit_standardization": args.logit_standardization}
     if args.logit_loss == "dkd":
-        settings["dkd_warmup_epochs"] = args.dkd_warmup_epochs
+        settings.update(dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta)
+        if args.dkd_warmup_epochs is not None:
+            settings["dkd_warmup_epochs"] = args.dkd_warmup_epochs
+        else:
+            settings["dkd_warmup_ratio"] = args.dkd_warmup_ratio
     if args.use_fdp:
         settings.update(w_feat=args.w_feat, w_supp=args.w_supp, feature_kl=args.feature_kl,
-                        detach_targets=args.detach_targets, use_aff=args.use_aff)
+                        feature_temperature=args.feature_temperature, detach_targets=args.detach_targets,
+                        use_aff=args.use_aff)
         if args.use_aff:
-            settings.update(aff_channels=args.aff_channels, aff_batch_norm=args.aff_batch_norm)
+            settings.update(aff_channels=args.aff_channels, aff_batch_norm=args.aff_batch_norm,
+                            aff_init=args.aff_init)
         settings.update(student_layers=list(student_layers), teacher_layer=teacher_layer)
     return {key: value for key, value in settings.items() if value is not None}
 

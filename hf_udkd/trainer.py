@@ -73,8 +73,9 @@ class UDKDTrainer(Trainer):
             Training and distillation options.
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for [`~transformers.Trainer`]. Examples must hold `pixel_values` and `labels`; an optional
-            `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
+            As for [`~transformers.Trainer`]. Examples hold `pixel_values` and `labels`; with a teacher, training
+            labels are optional (`-100`, or no `labels` key: distillation terms only), evaluation needs them. An
+            optional `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
     """
 
     _tag_names = ["hf_udkd", "knowledge-distillation", "unikd", "image-classification"]
@@ -215,9 +216,16 @@ class UDKDTrainer(Trainer):
         return self.teacher_cache.fetch(indices, compute, teacher_input.device)
 
     def _logit_weight(self) -> float:
-        if self.args.logit_loss != "dkd" or self.args.dkd_warmup_epochs <= 0:
+        """DKD's linear warm-up: the share of it done so far, 1 once it is over (and always for KD)."""
+        args = self.args
+        if args.logit_loss != "dkd":
             return 1.0
-        return min(1.0, (self.state.epoch or 0.0) / self.args.dkd_warmup_epochs)
+        if args.dkd_warmup_epochs is not None:
+            done, warmup = self.state.epoch or 0.0, args.dkd_warmup_epochs
+        else:
+            # max_steps is 0 before training starts (an evaluation first): no warm-up to be in.
+            done, warmup = self.state.global_step, args.dkd_warmup_ratio * self.state.max_steps
+        return min(1.0, done / warmup) if warmup > 0 else 1.0
 
     def compute_loss(
         self,
@@ -235,8 +243,15 @@ class UDKDTrainer(Trainer):
         pixel_values = inputs["pixel_values"]
         labels = inputs.get("labels")
         teacher_input = inputs.get(TEACHER_INPUT, pixel_values)
+        if labels is None and model.training and self.teacher_model is None:
+            raise ValueError(
+                "the training batch has no 'labels' and there is no teacher: training without a teacher (the "
+                "scratch baseline) needs labels. Add 'labels' to the examples, or pass a teacher_model to distil "
+                "unlabelled images."
+            )
         extra = {}
-        if self.teacher_model is not None and labels is not None:
+        # Training distils every example, labelled or not; evaluation reaches here only with labels.
+        if self.teacher_model is not None and (labels is not None or model.training):
             teacher_logits, teacher_features = self._teacher_outputs_for(inputs, teacher_input, model.training)
             extra = {
                 "teacher_logits": teacher_logits,

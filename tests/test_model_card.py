@@ -21,6 +21,7 @@ from hf_udkd.model_card import (
     build_model_card,
     dataset_name,
     display_name,
+    distillation_settings,
     hub_id,
     plot_loss_terms,
     student_files,
@@ -182,6 +183,8 @@ def test_model_card_after_distillation(tmp_path, resnet_teacher, resnet_student,
     weights = (settings["temperature"], settings["w_logit"], settings["w_feat"], settings["w_supp"])
     assert weights == (2.0, 1.0, 0.5, 1.0)
     assert settings["aff_channels"] == 16
+    assert settings["w_ce"] == 1.0 and settings["logit_standardization"] is False
+    assert settings["aff_init"] == "default" and "dkd_warmup_ratio" not in settings
     tapped = trainer.accelerator.unwrap_model(trainer.model).student_tap.stages
     assert settings["student_layers"] == [stage.layer for stage in tapped]
     assert settings["teacher_layer"] == trainer.teacher.stage.layer
@@ -260,3 +263,13 @@ def test_pushed_files_are_listed_one_by_one(tmp_path):
     assert files["model.safetensors"] == str(checkpoint / "model.safetensors")  # this checkpoint's weights
     assert files["README.md"] == b"root README.md"  # contents: the next save rewrites the card in place
     assert set(training_push_files(checkpoint, output_dir, None)) == root
+
+
+def test_dkd_settings_show_the_warmup_that_took_effect(tmp_path):
+    args = UDKDTrainingArguments(output_dir=str(tmp_path), logit_loss="dkd", dkd_beta=2.0, report_to="none")
+    settings = distillation_settings(args, [1, 2], 4)
+    assert settings["method"] == "UniKD" and settings["dkd_beta"] == 2.0
+    assert settings["dkd_warmup_ratio"] == args.dkd_warmup_ratio and "dkd_warmup_epochs" not in settings
+    args = UDKDTrainingArguments(output_dir=str(tmp_path), logit_loss="dkd", dkd_warmup_epochs=5,
+                                 report_to="none")
+    assert distillation_settings(args, [1, 2], 4)["dkd_warmup_epochs"] == 5
