@@ -15,7 +15,7 @@ from transformers.trainer_utils import EvalPrediction
 from transformers.utils import logging
 from transformers.utils.hub import hf_api
 
-from . import checkpoint, model_card
+from . import checkpoint, model_card, validation
 from .config import UDKDTrainingArguments
 from .constants import INDEX_KEY, TEACHER_INPUT
 from .modeling import LOSS_TERMS, DistillationModel
@@ -97,13 +97,16 @@ class UDKDTrainer(Trainer):
         elif not isinstance(args, UDKDTrainingArguments):
             raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
         student = load_model(model, "student")
+        teacher_module = load_model(teacher_model, "teacher") if teacher_model is not None else None
+        validation.check_not_empty(train_dataset, eval_dataset)
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
+        validation.check_pixel_values(probe, student, teacher_module)
         with whole_weights(student):
             student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
         teacher = None
-        if teacher_model is not None:
+        if teacher_module is not None:
             teacher = Teacher.from_probe(
-                load_model(teacher_model, "teacher"), probe.get(TEACHER_INPUT, probe["pixel_values"]),
+                teacher_module, probe.get(TEACHER_INPUT, probe["pixel_values"]),
                 args.teacher_layers, args.teacher_stage,
             )
             check_same_labels(student, teacher.module, student_tap.num_labels, teacher.num_labels)
@@ -114,6 +117,8 @@ class UDKDTrainer(Trainer):
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         set_seed(args.seed)
         distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
+        validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
+        validation.check_last_batch(distiller, train_dataset, args)
 
         super().__init__(
             model=distiller,
