@@ -58,7 +58,8 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments, whole_model_loading
-from hf_udkd.data import UNLABELLED, load_animal_mnist
+from hf_udkd.constants import IGNORE_INDEX
+from hf_udkd.data import load_animal_mnist
 from hf_udkd.image_processing import ImageClassificationTransform, collate_image_classification
 from hf_udkd.metrics import load_accuracy
 from hf_udkd.model_card import count_parameters
@@ -397,7 +398,7 @@ def load_unlabeled_images(
     if column != data_args.image_column_name:
         images = images.rename_column(column, data_args.image_column_name)
     images = images.cast_column(data_args.image_column_name, datasets.Image(decode=False))
-    return images.add_column(data_args.label_column_name, [UNLABELLED] * len(images), feature=label_feature)
+    return images.add_column(data_args.label_column_name, [IGNORE_INDEX] * len(images), feature=label_feature)
 
 
 def with_class_labels(dataset: DatasetDict, label: str) -> DatasetDict:
