@@ -116,7 +116,7 @@ class DataTrainingArguments:
     )
     unlabeled_dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Like --unlabeled_dir, from a dataset of the Hub or a local directory (its labels ignored)."},
+        metadata={"help": "Like --unlabeled_dir, from a Hub dataset or a local directory (its labels ignored)."},
     )
     unlabeled_split: str = field(
         default="train", metadata={"help": "The split of --unlabeled_dataset_name to use."}
@@ -542,8 +542,8 @@ def train_or_load_teacher(
     Returns the teacher and the directory it lives in: `--teacher_output_dir`, by default `<output_dir>-teacher`,
     outside `output_dir` so that no push from there carries the teacher.
     """
-    teacher_dir = model_args.teacher_output_dir or os.path.normpath(training_args.output_dir) + "-teacher"
     output_dir = os.path.abspath(training_args.output_dir)
+    teacher_dir = model_args.teacher_output_dir or output_dir + "-teacher"
     if os.path.commonpath([output_dir, os.path.abspath(teacher_dir)]) == output_dir:
         raise ValueError(
             f"--teacher_output_dir {teacher_dir} is inside --output_dir {training_args.output_dir}, whose files "
@@ -672,7 +672,8 @@ def main(argv: list[str] | None = None) -> RunSummary:
         # After the built-in teacher, which learns from the labelled images only.
         columns = [data_args.image_column_name, data_args.label_column_name]
         dataset["train"] = concatenate_datasets([dataset["train"].select_columns(columns), unlabeled])
-        logger.info(f"Training on {len(dataset['train']) - len(unlabeled)} labelled and {len(unlabeled)} unlabelled images")
+        n_labelled = len(dataset["train"]) - len(unlabeled)
+        logger.info(f"Training on {n_labelled} labelled and {len(unlabeled)} unlabelled images")
 
     trainer = UDKDTrainer(
         model=student,
