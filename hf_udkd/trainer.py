@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,9 +12,10 @@ from accelerate.state import AcceleratorState
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import EvalPrediction
+from transformers.modelcard import extract_hyperparameters_from_trainer
+from transformers.trainer_utils import EvalPrediction, HubStrategy, SaveStrategy
 from transformers.utils import logging
-from transformers.utils.hub import hf_api
+from transformers.utils.hub import PushInProgress, hf_api
 
 from . import checkpoint, model_card, validation
 from .config import UDKDTrainingArguments
@@ -69,8 +71,9 @@ class UDKDTrainer(Trainer):
             Training and distillation options.
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for [`~transformers.Trainer`]. Examples must hold `pixel_values` and `labels`; an optional
-            `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
+            As for [`~transformers.Trainer`]. Examples hold `pixel_values` and `labels`; with a teacher, training
+            labels are optional (`-100`, or no `labels` key: distillation terms only), evaluation needs them. An
+            optional `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
     """
 
     _tag_names = ["hf_udkd", "knowledge-distillation", "unikd", "image-classification"]
@@ -206,9 +209,16 @@ class UDKDTrainer(Trainer):
         return self.teacher_cache.fetch(indices, compute, teacher_input.device)
 
     def _logit_weight(self) -> float:
-        if self.args.logit_loss != "dkd" or self.args.dkd_warmup_epochs <= 0:
+        """DKD's linear warm-up: the share of it done so far, 1 once it is over (and always for KD)."""
+        args = self.args
+        if args.logit_loss != "dkd":
             return 1.0
-        return min(1.0, (self.state.epoch or 0.0) / self.args.dkd_warmup_epochs)
+        if args.dkd_warmup_epochs is not None:
+            done, warmup = self.state.epoch or 0.0, args.dkd_warmup_epochs
+        else:
+            # max_steps is 0 before training starts (an evaluation first): no warm-up to be in.
+            done, warmup = self.state.global_step, args.dkd_warmup_ratio * self.state.max_steps
+        return min(1.0, done / warmup) if warmup > 0 else 1.0
 
     def compute_loss(
         self,
@@ -226,8 +236,15 @@ class UDKDTrainer(Trainer):
         pixel_values = inputs["pixel_values"]
         labels = inputs.get("labels")
         teacher_input = inputs.get(TEACHER_INPUT, pixel_values)
+        if labels is None and model.training and self.teacher_model is None:
+            raise ValueError(
+                "the training batch has no 'labels' and there is no teacher: training without a teacher (the "
+                "scratch baseline) needs labels. Add 'labels' to the examples, or pass a teacher_model to distil "
+                "unlabelled images."
+            )
         extra = {}
-        if self.teacher_model is not None and labels is not None:
+        # Training distils every example, labelled or not; evaluation reaches here only with labels.
+        if self.teacher_model is not None and (labels is not None or model.training):
             teacher_logits, teacher_features = self._teacher_outputs_for(inputs, teacher_input, model.training)
             extra = {
                 "teacher_logits": teacher_logits,
@@ -414,7 +431,8 @@ class UDKDTrainer(Trainer):
             dataset_tags (`str` or `list[str]`, *optional*):
                 Hub dataset ids, for the `datasets` metadata.
             dataset (`str` or `list[str]`, *optional*):
-                Readable dataset names; the `model-index` needs one (or a dataset tag) to list results.
+                Readable dataset names, which the `model-index` needs to list results. Default: the dataset tags,
+                else the evaluation (or training) `datasets.Dataset`'s own name, else `"custom"`.
             dataset_args (`str`, *optional*):
                 The dataset configuration the metrics were computed on.
             dataset_split (`str`, *optional*):
@@ -433,6 +451,10 @@ class UDKDTrainer(Trainer):
         teacher = self.teacher_model
         dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
         dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
+        if not dataset_names:
+            # The model-index lists results only under a dataset name.
+            dataset_names = [model_card.dataset_name(self.eval_dataset if self.eval_dataset is not None
+                                                     else self.train_dataset)]
         history = self.state.log_history
         record = model_card.DistillationRecord(
             model_name=model_name or self._default_model_name(),
@@ -440,6 +462,7 @@ class UDKDTrainer(Trainer):
             student_architecture=type(student).__name__,
             student_parameters=model_card.count_parameters(student),
             student_origin=finetuned_from or model_card.origin(student),
+            library_name="transformers" if isinstance(student, PreTrainedModel) else None,
             teacher_name=(teacher_name or model_card.display_name(teacher)) if teacher is not None else None,
             teacher_origin=model_card.origin(teacher) if teacher is not None else None,
             teacher_architecture=type(teacher).__name__ if teacher is not None else None,
@@ -449,7 +472,9 @@ class UDKDTrainer(Trainer):
                 [stage.layer for stage in self.accelerator.unwrap_model(self.model).student_tap.stages],
                 self.teacher.stage.layer if self.teacher is not None else None,
             ),
-            hyperparameters=model_card.training_hyperparameters(self.args, self.state.global_step),
+            hyperparameters=model_card.training_hyperparameters(
+                extract_hyperparameters_from_trainer(self), self.args, self.state.global_step
+            ),
             student_metrics=model_card.last_metrics(history, "eval"),
             teacher_metrics=model_card.last_metrics(history, "teacher_eval"),
             log_history=history,
@@ -462,11 +487,6 @@ class UDKDTrainer(Trainer):
             extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
             framework_versions=model_card.framework_versions(),
         )
-        if record.student_metrics and not record.dataset_names:
-            logger.warning(
-                "The model card lists no results in its model-index: the Hub needs the dataset's name. Pass "
-                "dataset= (and dataset_tags= with Hub dataset ids) to create_model_card() or push_to_hub()."
-            )
         model_card.write_model_card(record, self.args.output_dir, template_path)
 
     def push_to_hub(
@@ -480,10 +500,11 @@ class UDKDTrainer(Trainer):
     ):
         """Push the clean student to `args.hub_model_id`: weights, config, image processor, card and loss plot.
 
-        Never the UniKD heads, checkpoints or `training_args.bin`. Everything is written to `output_dir` before
-        the Hub is contacted, so a refused push leaves a complete local copy. When the student has been
-        evaluated and the teacher not yet, the teacher is evaluated once for the card. The token comes from
-        `token`, `args.hub_token`, `HF_TOKEN` or the saved login, and is never written or logged.
+        Exactly these files of `output_dir`; never the UniKD heads, checkpoints, `training_args.bin` or anything
+        else there (a teacher's folder, say). Everything is written to `output_dir` before the Hub is contacted,
+        so a refused push leaves a complete local copy. When the student has been evaluated and the teacher not
+        yet, the teacher is evaluated once for the card. The token comes from `token`, `args.hub_token`,
+        `HF_TOKEN` or the saved login, and is never written or logged.
 
         Args:
             commit_message, blocking, token, revision, private:
@@ -502,6 +523,8 @@ class UDKDTrainer(Trainer):
             and not model_card.last_metrics(history, "teacher_eval")
         ):
             self.evaluate_teacher()
+        # A push still running from training would land after this one, with older weights.
+        self._finish_current_push()
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
@@ -511,15 +534,9 @@ class UDKDTrainer(Trainer):
         try:
             if self.hub_model_id is None:
                 self.init_hf_repo(token=token, private=private)
-            self._finish_current_push()
-            return hf_api().upload_folder(
-                repo_id=self.hub_model_id,
-                folder_path=self.args.output_dir,
-                commit_message=commit_message,
-                token=token,
-                run_as_future=not blocking,
-                allow_patterns=files,
-                revision=revision if revision is not None else self.args.hub_revision,
+            return model_card.commit_files(
+                hf_api(), self.hub_model_id, {name: os.path.join(self.args.output_dir, name) for name in files},
+                commit_message, token, revision if revision is not None else self.args.hub_revision, blocking,
             )
         except HfHubHTTPError as err:
             err.append_to_message(
@@ -528,3 +545,31 @@ class UDKDTrainer(Trainer):
                 f"{self.args.output_dir}`."
             )
             raise
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The push at each save during training (`hub_strategy` other than `"end"`), in the background.
+
+        One commit: the student's config, weights and image processor from `checkpoint_folder` with a card and
+        plot of the run so far at the root, and for `"checkpoint"` / `"all_checkpoints"` the files resuming
+        needs ([`model_card.checkpoint_files`], no `training_args.bin`) in `last-checkpoint/` / `checkpoint-N/`.
+        Nothing else of `output_dir`, where the Trainer's own push would upload whatever lies there.
+        """
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.create_model_card(model_name=self._default_model_name())
+        folder_in_repo = {HubStrategy.CHECKPOINT: "last-checkpoint",
+                          HubStrategy.ALL_CHECKPOINTS: Path(checkpoint_folder).name}.get(self.args.hub_strategy)
+        files = model_card.training_push_files(checkpoint_folder, self.args.output_dir, folder_in_repo)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        job = model_card.commit_files(hf_api(), self.hub_model_id, files, commit_message, self.args.hub_token,
+                                      self.args.hub_revision, blocking=False)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
