@@ -223,9 +223,9 @@ def accuracy_study(options: argparse.Namespace, argv: list[str] | None, log: Cal
     views = max(1, options.epochs // 4)
     runs: dict[str, list[float]] = {"uncached": [], "store": []}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench_store_accuracy_") as output_dir:
-        # One output_dir: the first run trains the built-in teacher in <output_dir>/teacher, the others reuse it.
-        common = ["--output_dir", output_dir, "--num_train_epochs", str(options.epochs), "--max_train_samples",
+    with tempfile.TemporaryDirectory(prefix="bench_store_accuracy_") as root:
+        # One output_dir: the first run trains the built-in teacher (beside it), the others reuse it.
+        common = ["--output_dir", os.path.join(root, "student"), "--num_train_epochs", str(options.epochs), "--max_train_samples",
                   str(options.accuracy_examples), "--eval_strategy", "no", "--disable_tqdm", "true"]
         for seed in options.seeds:
             for mode in runs:

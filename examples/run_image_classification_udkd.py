@@ -6,9 +6,10 @@ run_image_classification.py`, plus a teacher (`--teacher_model_name_or_path`, `-
 and every `UDKDTrainingArguments` option (`--temperature`, `--w_feat`, `--aff_channels`, ...).
 
 Run with no arguments, it does a complete distillation offline on the bundled Animal-MNIST data (10 classes of
-animal silhouettes): it trains a ResNet teacher (saved in `<output_dir>/teacher` and reused on the next run),
-distils a ResNet student with 15x fewer parameters, evaluates both, saves the student with its image processor
-and model card in `<output_dir>` and prints a summary:
+animal silhouettes): it trains a ResNet teacher (saved in `<output_dir>-teacher`, next to `<output_dir>` so that
+nothing pushed from `<output_dir>` holds it, and reused on the next run), distils a ResNet student with 15x fewer
+parameters, evaluates both, saves the student with its image processor and model card in `<output_dir>` and
+prints a summary:
 
     python examples/run_image_classification_udkd.py
 
@@ -18,6 +19,9 @@ Your own data and models:
         --train_dir path/to/train --validation_dir path/to/val \
         --model_name_or_path my-student --teacher_model_name_or_path my-teacher \
         --output_dir my-distilled-student --do_train --do_eval --num_train_epochs 30 --learning_rate 5e-4
+
+Images without labels (`--unlabeled_dir`, or `--unlabeled_dataset_name` with `--unlabeled_split`) join the training
+set with the label -100: cross-entropy skips them and the teacher alone supervises them.
 
 Without `--model_name_or_path`/`--config_name`, the student (and, without a teacher, the teacher) are small
 ResNets trained from scratch, and the training defaults in `SCRATCH_TRAINING_DEFAULTS` apply; any of them can
@@ -33,13 +37,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
 import transformers
-from datasets import ClassLabel, DatasetDict, load_dataset
+from datasets import ClassLabel, DatasetDict, concatenate_datasets, load_dataset
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -52,10 +58,12 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments, whole_model_loading
+from hf_udkd.constants import IGNORE_INDEX
 from hf_udkd.data import load_animal_mnist
 from hf_udkd.image_processing import ImageClassificationTransform, collate_image_classification
 from hf_udkd.metrics import load_accuracy
 from hf_udkd.model_card import count_parameters
+from hf_udkd.teacher import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +107,28 @@ class DataTrainingArguments:
     )
     train_dir: str | None = field(default=None, metadata={"help": "A folder containing the training data."})
     validation_dir: str | None = field(default=None, metadata={"help": "A folder containing the validation data."})
+    unlabeled_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of images without labels (any subfolder names are ignored), added to the training "
+            "set with label -100: only the teacher supervises them."
+        },
+    )
+    unlabeled_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Like --unlabeled_dir, from a Hub dataset or a local directory (its labels ignored)."},
+    )
+    unlabeled_split: str = field(
+        default="train", metadata={"help": "The split of --unlabeled_dataset_name to use."}
+    )
     train_val_split: float | None = field(
         default=0.15, metadata={"help": "Share of train split off for validation when there is no validation split."}
     )
     max_train_samples: int | None = field(
         default=None,
-        metadata={"help": "For debugging or quicker training, truncate the number of training examples to this."},
+        metadata={
+            "help": "For debugging or quicker training, truncate the number of (labelled) training examples to this."
+        },
     )
     max_eval_samples: int | None = field(
         default=None,
@@ -128,6 +152,8 @@ class DataTrainingArguments:
     def __post_init__(self):
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must lie in (0, 1], got {self.crop_scale_min}")
+        if self.unlabeled_dir is not None and self.unlabeled_dataset_name is not None:
+            raise ValueError("give either --unlabeled_dir or --unlabeled_dataset_name, not both")
 
     @property
     def uses_builtin_data(self) -> bool:
@@ -183,10 +209,32 @@ class ModelArguments:
     teacher_num_train_epochs: float = field(
         default=4.0, metadata={"help": "Epochs for the teacher trained here when no teacher is given."}
     )
+    teacher_output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the teacher trained here is saved and reused (default: `<output_dir>-teacher`). Keep it "
+            "outside output_dir: everything there may be pushed to the Hub."
+        },
+    )
+
+    def __post_init__(self):
+        for role, source in (("student", self.model_name_or_path), ("teacher", self.teacher_model_name_or_path)):
+            if source is not None:
+                check_model_source(source, role)
 
     @property
     def uses_builtin_student(self) -> bool:
         return self.model_name_or_path is None and self.config_name is None
+
+
+def check_model_source(source: str, role: str) -> None:
+    """Refuse a local path that holds no model; a Hub id is checked when it is loaded."""
+    looks_local = os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
+        raise ValueError(
+            f"the {role} {source} was not found: give a local directory with config.json and model.safetensors, "
+            "or a Hub id"
+        )
 
 
 @dataclass
@@ -238,9 +286,8 @@ def parse_arguments(
         defaults = _defaults(model_args, data_args)
         return parser.parse_dict({**defaults, **given})
     model_args, data_args = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:2]
-    defaults = _defaults(model_args, data_args)
-    default_argv = [f"--{key}={value}" for key, value in defaults.items()]
-    return parser.parse_args_into_dataclasses(args=default_argv + argv)
+    parser.set_defaults(**_defaults(model_args, data_args))
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def _defaults(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict[str, Any]:
@@ -270,28 +317,88 @@ def load_image_dataset(data_args: DataTrainingArguments, model_args: ModelArgume
         )
     else:
         data_files = {}
-        if data_args.train_dir is not None:
-            data_files["train"] = os.path.join(data_args.train_dir, "**")
-        if data_args.validation_dir is not None:
-            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        for split, option, directory in (
+            ("train", "--train_dir", data_args.train_dir),
+            ("validation", "--validation_dir", data_args.validation_dir),
+        ):
+            if directory is not None:
+                check_class_folders(directory, option)
+                data_files[split] = os.path.join(directory, "**")
         dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
 
-    columns = dataset["train" if "train" in dataset else next(iter(dataset))].column_names
-    for option, name in (
+    check_columns(
+        dataset["train" if "train" in dataset else next(iter(dataset))],
         ("--image_column_name", data_args.image_column_name),
         ("--label_column_name", data_args.label_column_name),
-    ):
-        if name not in columns:
-            raise ValueError(
-                f"{option} {name} not found in the dataset; its columns are {', '.join(columns)}. "
-                f"Set {option} to one of them."
-            )
+    )
     dataset = with_class_labels(dataset, data_args.label_column_name)
     if "validation" not in dataset and "train" in dataset and data_args.train_val_split:
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
         dataset = DatasetDict(train=split["train"], validation=split["test"])
     # Decoding happens in the transform, where an undecodable file can be named (or skipped).
     return dataset.cast_column(data_args.image_column_name, datasets.Image(decode=False))
+
+
+def check_columns(dataset: datasets.Dataset, *options: tuple[str, str]) -> None:
+    """Each `(option, column name)` names a column of `dataset`, or the error lists the columns there are."""
+    for option, name in options:
+        if name not in dataset.column_names:
+            raise ValueError(
+                f"{option} {name} not found in the dataset; its columns are {', '.join(dataset.column_names)}. "
+                f"Set {option} to one of them."
+            )
+
+
+def check_class_folders(directory: str, option: str) -> None:
+    """Refuse a class folder without images: imagefolder would drop that class, or leave it out of this split,
+    without a word."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{option} {directory} is not a directory")
+    extensions = {extension.lower() for extension in IMAGE_EXTENSIONS}
+    for entry in sorted(os.scandir(directory), key=lambda entry: entry.name):
+        # datasets skips hidden and dunder folders (.ipynb_checkpoints, __MACOSX) as well.
+        if not entry.is_dir() or entry.name.startswith((".", "__")):
+            continue
+        files = (path for path in Path(entry.path).rglob("*") if path.is_file())
+        if not any(path.suffix.lower() in extensions for path in files):
+            raise ValueError(
+                f"class {entry.name!r} in {option} {directory} has no images: add images of it to "
+                f"{entry.path}, or remove that folder"
+            )
+
+
+def load_unlabeled_images(
+    data_args: DataTrainingArguments, model_args: ModelArguments, label_feature: ClassLabel
+) -> datasets.Dataset | None:
+    """The images of `--unlabeled_dir` or `--unlabeled_dataset_name` with the label -100, in the training set's
+    two columns (image not yet decoded, label of `label_feature`), or None when neither is given."""
+    if data_args.unlabeled_dir is not None:
+        if not os.path.isdir(data_args.unlabeled_dir):
+            raise ValueError(f"--unlabeled_dir {data_args.unlabeled_dir} is not a directory")
+        images = load_dataset(
+            "imagefolder",
+            data_files={"train": os.path.join(data_args.unlabeled_dir, "**")},
+            drop_labels=True,
+            split="train",
+            cache_dir=model_args.cache_dir,
+        )
+        column = "image"
+    elif data_args.unlabeled_dataset_name is not None:
+        images = load_dataset(
+            data_args.unlabeled_dataset_name,
+            split=data_args.unlabeled_split,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
+        column = data_args.image_column_name
+        check_columns(images, ("--image_column_name", column))
+    else:
+        return None
+    images = images.select_columns(column)
+    if column != data_args.image_column_name:
+        images = images.rename_column(column, data_args.image_column_name)
+    images = images.cast_column(data_args.image_column_name, datasets.Image(decode=False))
+    return images.add_column(data_args.label_column_name, [IGNORE_INDEX] * len(images), feature=label_feature)
 
 
 def with_class_labels(dataset: DatasetDict, label: str) -> DatasetDict:
@@ -357,8 +464,9 @@ def load_student(model_args: ModelArguments, names: list[str]) -> tuple[PreTrain
                 config, trust_remote_code=model_args.trust_remote_code
             )
         else:
-            model = AutoModelForImageClassification.from_pretrained(
+            model = load_model(
                 model_args.model_name_or_path,
+                "student",
                 config=config,
                 ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
                 **hub_kwargs(model_args),
@@ -411,6 +519,8 @@ def side_arguments(training_args: UDKDTrainingArguments, output_dir: str, **chan
         training_args,
         output_dir=output_dir,
         push_to_hub=False,
+        teacher_cache=False,
+        teacher_cache_dir=None,
         save_strategy="no",
         eval_strategy="no",
         load_best_model_at_end=False,
@@ -429,9 +539,16 @@ def train_or_load_teacher(
 ) -> tuple[PreTrainedModel, str]:
     """Train the built-in ResNet teacher on the training split, or load it if a previous run saved it.
 
-    Returns the teacher and the directory it lives in (`<output_dir>/teacher`).
+    Returns the teacher and the directory it lives in: `--teacher_output_dir`, by default `<output_dir>-teacher`,
+    outside `output_dir` so that no push from there carries the teacher.
     """
-    teacher_dir = os.path.join(training_args.output_dir, "teacher")
+    output_dir = os.path.abspath(training_args.output_dir)
+    teacher_dir = model_args.teacher_output_dir or output_dir + "-teacher"
+    if os.path.commonpath([output_dir, os.path.abspath(teacher_dir)]) == output_dir:
+        raise ValueError(
+            f"--teacher_output_dir {teacher_dir} is inside --output_dir {training_args.output_dir}, whose files "
+            "may be pushed to the Hub: choose a folder outside it"
+        )
     if os.path.isfile(os.path.join(teacher_dir, "config.json")):
         if training_args.process_index == 0:
             print(f"Reusing the teacher trained by an earlier run in {teacher_dir}")
@@ -499,7 +616,9 @@ def main(argv: list[str] | None = None) -> RunSummary:
 
     transformers.set_seed(training_args.seed)
     dataset = load_image_dataset(data_args, model_args, training_args.seed)
-    names = dataset[next(iter(dataset))].features[data_args.label_column_name].names
+    label_feature = dataset[next(iter(dataset))].features[data_args.label_column_name]
+    names = label_feature.names
+    unlabeled = load_unlabeled_images(data_args, model_args, label_feature) if training_args.do_train else None
 
     if training_args.do_train:
         if "train" not in dataset:
@@ -535,8 +654,8 @@ def main(argv: list[str] | None = None) -> RunSummary:
 
     if model_args.teacher_model_name_or_path is not None:
         with whole_model_loading():
-            teacher = AutoModelForImageClassification.from_pretrained(
-                model_args.teacher_model_name_or_path, **hub_kwargs(model_args, student=False)
+            teacher = load_model(
+                model_args.teacher_model_name_or_path, "teacher", **hub_kwargs(model_args, student=False)
             )
         teacher_dir = model_args.teacher_model_name_or_path
         check_teacher_labels(teacher, names, teacher_dir)
@@ -549,6 +668,12 @@ def main(argv: list[str] | None = None) -> RunSummary:
     train_transform, eval_transform = make_transforms(teacher_processor)
     if train_transform.makes_teacher_inputs:
         logger.info("The teacher's image processor differs from the student's: each gets its own view of each image")
+    if unlabeled is not None:
+        # After the built-in teacher, which learns from the labelled images only.
+        columns = [data_args.image_column_name, data_args.label_column_name]
+        dataset["train"] = concatenate_datasets([dataset["train"].select_columns(columns), unlabeled])
+        n_labelled = len(dataset["train"]) - len(unlabeled)
+        logger.info(f"Training on {n_labelled} labelled and {len(unlabeled)} unlabelled images")
 
     trainer = UDKDTrainer(
         model=student,

@@ -8,6 +8,9 @@ Both return splits ``train`` and ``validation`` with columns ``image`` (PIL, mod
 (``datasets.ClassLabel``). Neither source ships an official test split, so validation is a stratified
 random split, deterministic in ``split_seed``. Identical images with the same label (Animal-MNIST holds
 284 such pairs) always land in the same split, so validation accuracy is not inflated by memorised copies.
+With ``labels_per_class`` and ``unlabelled=True``, the training images left out of the labelled subset stay in
+``train`` with the label ``IGNORE_INDEX`` (-100, the ignore index of cross-entropy): the semi-supervised
+setting, where the teacher alone supervises those images.
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ import PIL.Image
 import torch
 from transformers.utils import logging
 
+from .constants import IGNORE_INDEX
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["PixelValuesDataset", "load_animal_mnist", "load_digits_dataset"]
 
 
 def load_animal_mnist(
-    split_seed: int = 0, test_size: float = 0.2, labels_per_class: int | None = None
+    split_seed: int = 0,
+    test_size: float = 0.2,
+    labels_per_class: int | None = None,
+    unlabelled: bool = False,
 ) -> datasets.DatasetDict:
     """Load Animal-MNIST from the copy vendored in the package (no network, about a second).
 
@@ -41,21 +49,28 @@ def load_animal_mnist(
         test_size: share of each class held out for validation, in ``(0, 1)``.
         labels_per_class: if set, keep only this many distinct training images per class (low-label
             settings). For one seed the subsets are nested: the 10-per-class set is part of the 50 one.
+        unlabelled: with ``labels_per_class``, keep the rest of the training split in ``train`` as well,
+            labelled ``IGNORE_INDEX`` (-100). Copies of a labelled image are left out of that rest, so no
+            unlabelled image is also a labelled one. ``validation`` is the same either way.
 
     Returns:
         ``DatasetDict`` with ``train`` and ``validation``; ``image`` is a 28x28 PIL image of mode ``"L"``
-        (white silhouette on black), ``label`` a ``ClassLabel`` with the names above.
+        (white silhouette on black), ``label`` a ``ClassLabel`` with the names above (and -100 for the
+        unlabelled images).
     """
     with (
         (files("hf_udkd") / "data" / "animal_mnist.npz").open("rb") as f,
         np.load(f, allow_pickle=False) as npz,
     ):
         images, labels, names = npz["images"], npz["labels"], npz["class_names"].tolist()
-    return _build(images, labels, names, split_seed, test_size, labels_per_class, "Animal-MNIST")
+    return _build(images, labels, names, split_seed, test_size, labels_per_class, unlabelled, "Animal-MNIST")
 
 
 def load_digits_dataset(
-    split_seed: int = 0, test_size: float = 0.2, labels_per_class: int | None = None
+    split_seed: int = 0,
+    test_size: float = 0.2,
+    labels_per_class: int | None = None,
+    unlabelled: bool = False,
 ) -> datasets.DatasetDict:
     """Load scikit-learn's handwritten digits (1,797 images, 8x8, classes ``"0"`` to ``"9"``).
 
@@ -73,7 +88,14 @@ def load_digits_dataset(
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     names = [str(t) for t in digits.target_names]
     return _build(
-        images, digits.target.astype(np.int64), names, split_seed, test_size, labels_per_class, "digits"
+        images,
+        digits.target.astype(np.int64),
+        names,
+        split_seed,
+        test_size,
+        labels_per_class,
+        unlabelled,
+        "digits",
     )
 
 
@@ -84,30 +106,51 @@ def _build(
     split_seed: int,
     test_size: float,
     labels_per_class: int | None,
+    unlabelled: bool,
     what: str,
 ) -> datasets.DatasetDict:
     """Split ``images`` ``(N, H, W)`` uint8 and ``labels`` ``(N,)`` and wrap both splits as datasets."""
     if not 0 < test_size < 1:
         raise ValueError(f"test_size must lie strictly between 0 and 1, got {test_size}")
+    if unlabelled and labels_per_class is None:
+        raise ValueError(
+            "unlabelled=True keeps the training images outside the labelled subset, so it needs "
+            "labels_per_class (e.g. labels_per_class=30)"
+        )
     groups = _duplicate_groups(images, labels)
     train_idx, val_idx = _stratified_group_split(labels, groups, split_seed, test_size)
+    train_labels = labels.copy()
     if labels_per_class is not None:
-        train_idx = _subsample_per_class(train_idx, labels, groups, split_seed, labels_per_class)
-    features = datasets.Features(
-        {"image": datasets.Image(mode="L"), "label": datasets.ClassLabel(names=names)}
-    )
+        labelled_idx = _subsample_per_class(train_idx, labels, groups, split_seed, labels_per_class)
+        if unlabelled:
+            # Copies of a labelled image stay out of the rest: no image is both labelled and unlabelled.
+            rest = train_idx[~np.isin(groups[train_idx], groups[labelled_idx])]
+            train_labels[rest] = IGNORE_INDEX
+            train_idx = np.sort(np.concatenate([labelled_idx, rest]))
+        else:
+            train_idx = labelled_idx
     splits = datasets.DatasetDict(
         {
-            name: datasets.Dataset.from_dict(
-                {"image": [_png(images[i]) for i in idx], "label": labels[idx]}, features=features
-            )
-            for name, idx in (("train", train_idx), ("validation", val_idx))
+            "train": _dataset(images, train_labels, train_idx, names),
+            "validation": _dataset(images, labels, val_idx, names),
         }
     )
+    n_unlabelled = int((train_labels[train_idx] == IGNORE_INDEX).sum())
     logger.info(
-        f"{what}: {len(train_idx)} train / {len(val_idx)} validation images (split_seed={split_seed})"
+        f"{what}: {len(train_idx)} train ({n_unlabelled} unlabelled) / {len(val_idx)} validation images "
+        f"(split_seed={split_seed})"
     )
     return splits
+
+
+def _dataset(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, names: list[str]) -> datasets.Dataset:
+    """The examples ``idx`` as a dataset with ``image`` and a ``ClassLabel`` ``label`` that may hold -100."""
+    pngs = datasets.Dataset.from_dict(
+        {"image": [_png(images[i]) for i in idx]}, features=datasets.Features({"image": datasets.Image(mode="L")})
+    )
+    # ClassLabel refuses -100 when it encodes Python values but keeps it in Arrow storage, where later
+    # map/concatenate/shuffle calls leave it alone: the labels go in as an Arrow column.
+    return pngs.add_column("label", labels[idx], feature=datasets.ClassLabel(names=names))
 
 
 def _duplicate_groups(images: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -25,6 +25,8 @@ from typing import Any
 import PIL.Image
 import torch
 from torchvision import transforms as T
+from transformers import default_data_collator
+from transformers.image_transforms import convert_to_rgb
 from transformers.utils import logging
 
 from .constants import TEACHER_INPUT
@@ -46,21 +48,15 @@ class UndecodableImageError(ValueError):
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) -> RGB.
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) -> RGB, with transformers' ``convert_to_rgb``.
 
-    Transparent pixels are composited on white, as transformers' image processors do
-    (``convert_to_rgb``): a plain ``convert("RGB")`` would turn them into whatever colour hides beneath.
+    Transparent pixels are composited on white, as transformers' image processors do: a plain
+    ``convert("RGB")`` would turn them into whatever colour hides beneath.
     """
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode.startswith("I"):
-        # 16/32-bit greyscale: PIL's own conversion clips at 255 instead of scaling.
-        return image.point(lambda v: v / 256).convert("L").convert("RGB")
-    return image.convert("RGB")
+        # 16/32-bit greyscale: PIL's own conversion, which convert_to_rgb uses, clips at 255 instead of scaling.
+        image = image.point(lambda v: v / 256).convert("L")
+    return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
 def describe_image(value: Any) -> str:
@@ -174,8 +170,8 @@ class ImageClassificationTransform:
         crop_scale: the (min, max) share of the image area that the training crop keeps.
         horizontal_flip: flip training images at random.
 
-    Returns (``__call__``): the batch with ``pixel_values``, a list of (3, H_s, W_s) tensors, ``labels`` and,
-    when the processors differ, ``teacher_pixel_values``, a list of (3, H_t, W_t) tensors.
+    Returns (``__call__``): the model inputs alone: ``pixel_values``, a list of (3, H_s, W_s) tensors, ``labels``
+    and, when the processors differ, ``teacher_pixel_values``, a list of (3, H_t, W_t) tensors.
     """
 
     def __init__(
@@ -244,25 +240,21 @@ class ImageClassificationTransform:
                 image = self.augment(image)
             for out, finish in zip(outputs, self.finishers, strict=True):
                 out.append(finish(image) if image is not None else None)
-        batch["pixel_values"] = outputs[0]
+        inputs = {"pixel_values": outputs[0]}
         if self.teacher_view is not None:
-            batch[TEACHER_INPUT] = outputs[1]
+            inputs[TEACHER_INPUT] = outputs[1]
         if self.label_column is not None:
-            batch["labels"] = batch[self.label_column]
-        return batch
+            inputs["labels"] = batch[self.label_column]
+        return inputs
 
 
 def collate_image_classification(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` (B, 3, H, W), ``labels`` (B,) and, if present, ``teacher_pixel_values``
-    (B, 3, H_t, W_t); examples whose image was skipped as undecodable (``pixel_values`` None) are dropped."""
+    """transformers' ``default_data_collator`` (``pixel_values`` (B, 3, H, W), ``labels`` (B,) and, if present,
+    ``teacher_pixel_values`` (B, 3, H_t, W_t)) over the examples whose image was not skipped as undecodable
+    (``pixel_values`` None)."""
     kept = [ex for ex in examples if ex["pixel_values"] is not None]
     if not kept:
         raise UndecodableImageError(
             f"all {len(examples)} images of a batch were undecodable and skipped: check the data set"
         )
-    batch = {"pixel_values": torch.stack([ex["pixel_values"] for ex in kept])}
-    if TEACHER_INPUT in kept[0]:
-        batch[TEACHER_INPUT] = torch.stack([ex[TEACHER_INPUT] for ex in kept])
-    if "labels" in kept[0]:
-        batch["labels"] = torch.tensor([ex["labels"] for ex in kept])
-    return batch
+    return default_data_collator(kept)

@@ -21,11 +21,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import datasets
 import transformers
 from transformers.utils import logging
 
 from .image_processing import ImageClassificationTransform, collate_image_classification
-from .teacher import whole_model_loading
+from .teacher import load_model, whole_model_loading
 from .teacher_store import TeacherStore, describe
 from .trainer import UDKDTrainer
 
@@ -52,7 +53,11 @@ def load_example(path: str | os.PathLike = EXAMPLE_SCRIPT) -> ModuleType:
 
 
 def build_trainer(example: ModuleType, argv: list[str]) -> UDKDTrainer:
-    """The UDKDTrainer the example script would train with, on its training set (no evaluation set)."""
+    """The UDKDTrainer the example script would train with, on its training set (no evaluation set).
+
+    The steps are those of the script's ``main()`` up to its trainer, through the script's own functions; a
+    training set or teacher that came out differently would not match the store's fingerprint and be refused.
+    """
     model_args, data_args, training_args = example.parse_arguments(argv)
     if not training_args.teacher_cache:
         raise ValueError("precompute fills the teacher store: pass --teacher_cache (and --teacher_cache_dir, so that "
@@ -66,7 +71,9 @@ def build_trainer(example: ModuleType, argv: list[str]) -> UDKDTrainer:
     dataset = example.load_image_dataset(data_args, model_args, training_args.seed)
     if "train" not in dataset:
         raise ValueError("the teacher store is filled on the training split, and the data set has none")
-    names = dataset["train"].features[data_args.label_column_name].names
+    label_feature = dataset["train"].features[data_args.label_column_name]
+    names = label_feature.names
+    unlabeled = example.load_unlabeled_images(data_args, model_args, label_feature)
     if data_args.max_train_samples is not None:
         dataset["train"] = dataset["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
     with whole_model_loading():
@@ -83,9 +90,8 @@ def build_trainer(example: ModuleType, argv: list[str]) -> UDKDTrainer:
 
     if model_args.teacher_model_name_or_path is not None:
         with whole_model_loading():
-            teacher = transformers.AutoModelForImageClassification.from_pretrained(
-                model_args.teacher_model_name_or_path, **example.hub_kwargs(model_args, student=False)
-            )
+            teacher = load_model(model_args.teacher_model_name_or_path, "teacher",
+                                 **example.hub_kwargs(model_args, student=False))
         example.check_teacher_labels(teacher, names, model_args.teacher_model_name_or_path)
         teacher_processor = example.load_teacher_image_processor(model_args, image_processor)
     else:
@@ -93,6 +99,9 @@ def build_trainer(example: ModuleType, argv: list[str]) -> UDKDTrainer:
             model_args, training_args, dataset, names, transforms(None), image_processor
         )
         teacher_processor = image_processor
+    if unlabeled is not None:
+        columns = [data_args.image_column_name, data_args.label_column_name]
+        dataset["train"] = datasets.concatenate_datasets([dataset["train"].select_columns(columns), unlabeled])
     return UDKDTrainer(
         model=student,
         teacher_model=teacher,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,12 +23,19 @@ from .taps import FeatureTap
 logger = logging.get_logger(__name__)
 
 
-def load_model(model: str | nn.Module, role: str) -> nn.Module:
-    """``model`` itself, or the image classifier at the Hub id or path ``model`` (safetensors only)."""
+def load_model(model: str | nn.Module, role: str, **kwargs: Any) -> nn.Module:
+    """``model`` itself, or the image classifier at the Hub id or path ``model`` (safetensors only); ``kwargs`` go
+    to ``from_pretrained``."""
     if isinstance(model, nn.Module):
         return model
     logger.info(f"Loading the {role} from {model}")
-    return AutoModelForImageClassification.from_pretrained(model, use_safetensors=True)
+    try:
+        return AutoModelForImageClassification.from_pretrained(model, use_safetensors=True, **kwargs)
+    except OSError as e:
+        raise OSError(
+            f"the {role} {model} was not found: give a local directory with config.json and model.safetensors, "
+            "or a Hub id"
+        ) from e
 
 
 def label_names(model: nn.Module) -> list[str] | None:

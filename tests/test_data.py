@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import pytest
 
+from hf_udkd.constants import IGNORE_INDEX
 from hf_udkd.data import load_animal_mnist, load_digits_dataset
 
 ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
@@ -71,6 +72,32 @@ def test_animal_mnist_labels_per_class(animal):
     assert set(examples(few["train"])) <= set(examples(animal["train"]))
 
 
+def test_animal_mnist_unlabelled_rest(animal):
+    mixed = load_animal_mnist(labels_per_class=30, unlabelled=True)
+    assert mixed["train"].features == animal["train"].features
+    assert examples(mixed["validation"]) == examples(animal["validation"])
+    train = examples(mixed["train"])
+    labelled = [(image, label) for image, label in train if label != IGNORE_INDEX]
+    rest = [image for image, label in train if label == IGNORE_INDEX]
+    # The labelled part is exactly the labels_per_class subset, without its copies among the unlabelled.
+    assert sorted(labelled) == sorted(examples(load_animal_mnist(labels_per_class=30)["train"]))
+    assert np.bincount([label for _, label in labelled], minlength=10).tolist() == [30] * 10
+    labelled_images = {image for image, _ in labelled}
+    assert not set(rest) & labelled_images
+    # Every training image is in one part or the other; only the copies of labelled images are dropped.
+    full = [image for image, _ in examples(animal["train"])]
+    assert set(full) == set(rest) | labelled_images
+    assert len(rest) == len(full) - sum(image in labelled_images for image in full) > 7400
+
+
+def test_unlabelled_labels_survive_dataset_operations():
+    train = load_digits_dataset(labels_per_class=3, unlabelled=True)["train"]
+    kept = train.map(lambda example: {"label": example["label"]})
+    assert kept["label"] == train["label"] and train["label"].count(IGNORE_INDEX) == train.num_rows - 30
+    both = datasets.concatenate_datasets([train, train.shuffle(seed=0)])
+    assert both["label"].count(IGNORE_INDEX) == 2 * (train.num_rows - 30)
+
+
 def test_labels_per_class_subsets_are_nested_and_seeded():
     small, large = load_digits_dataset(labels_per_class=3), load_digits_dataset(labels_per_class=10)
     assert set(examples(small["train"])) <= set(examples(large["train"]))
@@ -98,6 +125,7 @@ def test_digits():
         ({"test_size": 1.5}, "test_size"),
         ({"labels_per_class": 0}, "at least 1"),
         ({"labels_per_class": 500}, "lower labels_per_class"),
+        ({"unlabelled": True}, "needs labels_per_class"),
     ],
 )
 def test_invalid_arguments_are_explained(kwargs, match):

@@ -19,6 +19,7 @@ import torch
 from conftest import load_script, resnet_config
 from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ViTImageProcessor
 
+from hf_udkd.constants import IGNORE_INDEX
 from hf_udkd.data import load_animal_mnist
 from hf_udkd.image_processing import (
     ImageClassificationTransform,
@@ -93,6 +94,22 @@ def test_builtin_defaults_apply_only_when_nothing_is_named_and_yield_to_explicit
     assert args.num_train_epochs == 2 and args.temperature == 2.0 and args.do_train
 
 
+def test_teacher_cache_options_are_flags_and_the_builtin_teacher_trains_without_the_cache(example, tmp_path):
+    cache = ["--teacher_cache", "--teacher_cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)]
+    _, _, args = example.parse_arguments(cache)
+    assert args.teacher_cache and args.teacher_cache_dir == str(tmp_path / "cache")
+    # The built-in teacher is trained without a teacher, which teacher_cache=True would refuse.
+    assert not example.side_arguments(args, str(tmp_path / "teacher")).teacher_cache
+
+
+def test_a_missing_model_path_names_its_role_before_anything_runs(example, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for role, option in (("teacher", "--teacher_model_name_or_path"), ("student", "--model_name_or_path")):
+        for source in (str(tmp_path / "nowhere"), str(tmp_path / "empty"), "./nowhere"):
+            with pytest.raises(ValueError, match=f"the {role} {source} was not found.*config.json.*Hub id"):
+                example.parse_arguments([option, source, "--output_dir", str(tmp_path)])
+
+
 def test_mixed_precision_of_an_accelerate_config_becomes_the_default(example, tmp_path, monkeypatch):
     """`accelerate launch` with mixed_precision: bf16 sets ACCELERATE_MIXED_PRECISION; the Trainer's --bf16 must
     agree (DeepSpeed refuses a mismatch), unless the command line says otherwise."""
@@ -147,6 +164,47 @@ def test_modes_are_converted_to_rgb(animals):
         # The silhouette survives every conversion (within rounding): white animal on black.
         grey = np.asarray(decoded.convert("L"), dtype=np.float32)
         assert np.abs(grey - np.asarray(image, dtype=np.float32)).max() <= 2, mode
+
+
+def test_a_class_folder_without_images_is_named(example, animals, tmp_path):
+    write_imagefolder(tmp_path / "train", animals, per_class=2)
+    (tmp_path / "train" / "cow").mkdir()
+    (tmp_path / "train" / "cow" / "notes.txt").write_text("no images here")
+    argv = ["--train_dir", str(tmp_path / "train"), "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
+    model_args, data_args, _ = example.parse_arguments(argv)
+    with pytest.raises(ValueError, match=r"class 'cow' in --train_dir .* has no images"):
+        example.load_image_dataset(data_args, model_args, seed=0)
+
+
+def test_unlabeled_images_get_label_minus_100_whatever_their_folders(example, animals, tmp_path):
+    labelled = datasets.Dataset.from_dict(
+        {"image": [], "label": []},
+        features=datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=CLASSES)}),
+    )
+    # Folder names that are no classes of the data set (one is a class of it): all are ignored.
+    write_imagefolder(tmp_path / "photos", {"holiday": animals["bear"][:3], "cat": animals["bird"][:2]}, per_class=3)
+    argv = ["--unlabeled_dir", str(tmp_path / "photos"), "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
+    model_args, data_args, _ = example.parse_arguments(argv)
+    images = example.load_unlabeled_images(data_args, model_args, labelled.features["label"])
+    assert images.features == labelled.features and images["label"] == [IGNORE_INDEX] * 5
+    assert len(datasets.concatenate_datasets([labelled, images])) == 5
+
+    # A dataset with other column names: its label column is dropped, its images renamed to the training set's.
+    rows = {"img": [], "animal": []}
+    for image in animals["cat"][:4]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows["img"].append({"bytes": buffer.getvalue(), "path": None})
+        rows["animal"].append("cat")
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    argv = ["--unlabeled_dataset_name", str(tmp_path / "hub"), "--image_column_name", "img", "--model_name_or_path",
+            "m", "--output_dir", str(tmp_path)]  # fmt: skip
+    model_args, data_args, _ = example.parse_arguments(argv)
+    images = example.load_unlabeled_images(data_args, model_args, labelled.features["label"])
+    assert images.column_names == ["img", "label"] and images["label"] == [IGNORE_INDEX] * 4
+
+    with pytest.raises(ValueError, match="not both"):
+        example.parse_arguments([*argv, "--unlabeled_dir", str(tmp_path / "photos")])
 
 
 # ---- two input views --------------------------------------------------------------------------------------
@@ -252,6 +310,50 @@ def test_script_on_an_imagefolder_with_a_teacher_of_another_input_size(example, 
     assert "teacher accuracy" in capsys.readouterr().out
 
 
+def test_script_with_unlabeled_images(example, animals, imagefolder_run, tmp_path):
+    # Fewer unlabelled images than a batch holds: no batch is without labels.
+    write_imagefolder(tmp_path / "unlabeled", {"any": animals["cat"][:6]}, per_class=6)
+    summary = example.main(imagefolder_run + ["--skip_bad_images", "--unlabeled_dir", str(tmp_path / "unlabeled")])
+    train = summary.trainer.train_dataset
+    labels = [example["labels"] for example in train]
+    assert len(train) == 3 * 6 + 1 + 6 and labels.count(IGNORE_INDEX) == 6
+    assert summary.trainer.state.global_step == 2
+    assert all(np.isfinite(entry["loss"]) for entry in summary.trainer.state.log_history if "loss" in entry)
+
+
+def test_script_refuses_a_teacher_it_cannot_find_before_training(example, imagefolder_run, tmp_path):
+    argv = list(imagefolder_run)
+    argv[argv.index("--teacher_model_name_or_path") + 1] = "org/no-such-teacher"
+    with pytest.raises(OSError, match="the teacher org/no-such-teacher was not found.*Hub id"):
+        example.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_keeps_its_own_teacher_outside_output_dir(example, imagefolder_run, tmp_path, capsys):
+    argv = list(imagefolder_run)
+    del argv[argv.index("--teacher_model_name_or_path") : argv.index("--teacher_model_name_or_path") + 2]
+    argv += ["--skip_bad_images", "--num_train_epochs", "1"]
+    summary = example.main(argv)
+    out = tmp_path / "out"
+    assert summary.teacher_dir == f"{out}-teacher" and (tmp_path / "out-teacher" / "model.safetensors").is_file()
+    # Nothing in output_dir (what a push sends) holds the teacher's weights.
+    student_size = sum(p.numel() for p in summary.trainer.student.parameters())
+    weights = list(out.rglob("*.safetensors"))
+    assert [p.relative_to(out).as_posix() for p in weights] == ["model.safetensors"]
+    assert sum(p.numel() for p in AutoModelForImageClassification.from_pretrained(out).parameters()) == student_size
+    assert not (out / "teacher").exists()
+
+    # A second run reuses it, also from a folder of one's choosing; inside output_dir is refused.
+    capsys.readouterr()
+    example.main(argv)
+    assert "Reusing the teacher" in capsys.readouterr().out
+    elsewhere = tmp_path / "teachers" / "resnet"
+    assert example.main(argv + ["--teacher_output_dir", str(elsewhere)]).teacher_dir == str(elsewhere)
+    assert (elsewhere / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="--teacher_output_dir .* inside --output_dir"):
+        example.main(argv + ["--teacher_output_dir", str(out / "teacher")])
+
+
 @pytest.mark.slow
 def test_builtin_default_run_end_to_end_in_a_subprocess(example, tmp_path):
     """The README's command on a small subset: trains a teacher, distils, evaluates, saves, summarises."""
@@ -269,9 +371,9 @@ def test_builtin_default_run_end_to_end_in_a_subprocess(example, tmp_path):
     assert "training a ResNet teacher" in result.stdout
     for name in ["config.json", "model.safetensors", "preprocessor_config.json", "README.md"]:
         assert (out / name).is_file(), name
-    assert (out / "teacher" / "model.safetensors").is_file()
+    assert (tmp_path / "run-teacher" / "model.safetensors").is_file() and not (out / "teacher").exists()
     student = AutoModelForImageClassification.from_pretrained(out)
-    teacher = AutoModelForImageClassification.from_pretrained(out / "teacher")
+    teacher = AutoModelForImageClassification.from_pretrained(tmp_path / "run-teacher")
     ratio = sum(p.numel() for p in teacher.parameters()) / sum(p.numel() for p in student.parameters())
     assert ratio >= 10
     assert f"{ratio:.1f}x fewer" in result.stdout
@@ -281,7 +383,7 @@ def test_builtin_default_run_end_to_end_in_a_subprocess(example, tmp_path):
     model_args, data_args, args = example.parse_arguments(argv)
     reused, teacher_dir = example.train_or_load_teacher(model_args, args, None, student.config.id2label.values(),
                                                         None, None)
-    assert teacher_dir == str(out / "teacher")
+    assert teacher_dir == f"{out}-teacher"
     for a, b in zip(reused.parameters(), teacher.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
@@ -306,7 +408,7 @@ def test_builtin_default_run_under_torchrun_with_two_cpu_processes(example, tmp_
     per_device = example.parse_arguments(argv)[2].per_device_train_batch_size
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == -(-256 // (2 * per_device))  # each step consumed both processes' batches
-    assert (out / "teacher" / "model.safetensors").is_file()
+    assert (tmp_path / "run-teacher" / "model.safetensors").is_file()
     AutoModelForImageClassification.from_pretrained(out)
 
 
@@ -329,7 +431,7 @@ def test_builtin_default_run_under_accelerate_launch_with_the_zero3_config(tmp_p
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     student = AutoModelForImageClassification.from_pretrained(out)
-    teacher = AutoModelForImageClassification.from_pretrained(out / "teacher")
+    teacher = AutoModelForImageClassification.from_pretrained(tmp_path / "run-teacher")
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     # Counted whole although ZeRO-3 held only partitions when the script counted them.
     assert f"({count(teacher):,} parameters)" in result.stdout and f"({count(student):,} parameters)" in result.stdout

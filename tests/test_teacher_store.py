@@ -346,8 +346,10 @@ def test_a_resumed_run_continues_on_the_same_views(tmp_path, augmented, resnet_t
 
 
 def test_store_options_need_teacher_cache(tmp_path):
-    with pytest.raises(ValueError, match="teacher_cache_views set but teacher_cache is False"):
-        _args(tmp_path, teacher_cache_views=4)
+    with pytest.raises(ValueError, match="teacher_cache_dir is set but teacher_cache is False"):
+        _args(tmp_path, teacher_cache_dir=str(tmp_path / "store"))
+    with pytest.raises(ValueError, match="teacher_cache_views must be at least 1"):
+        _args(tmp_path, teacher_cache=True, teacher_cache_views=0)
     with pytest.raises(ValueError, match="teacher_cache_dtype"):
         _args(tmp_path, teacher_cache=True, teacher_cache_dtype="int8")
 
