@@ -44,6 +44,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from accelerate import PartialState
 from datasets import ClassLabel, DatasetDict, concatenate_datasets, load_dataset
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from transformers import (
@@ -750,3 +751,7 @@ def main(argv: list[str] | None = None) -> RunSummary:
 
 if __name__ == "__main__":
     main()
+    # Each process waits for the others' last writes, then leaves the process group, as accelerate ends a script:
+    # one that exits with the group still open while another writes can abort at exit.
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from accelerate import PartialState
 from transformers.utils import logging
 
 from .teacher_store import TeacherStore, describe
@@ -72,3 +73,6 @@ def main(argv: list[str] | None = None) -> TeacherStore:
 
 if __name__ == "__main__":
     main()
+    # As the example script ends: each process waits for the others' last writes, then leaves the process group.
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()
