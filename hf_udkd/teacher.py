@@ -122,7 +122,7 @@ class Teacher:
     ) -> Teacher:
         """Probe ``module``'s candidate ``layers`` on ``pixel_values`` and keep the ``stage_index``-th."""
         with whole_weights(module):
-            tap = FeatureTap.from_probe(module, pixel_values, layers)
+            tap = FeatureTap.from_probe(module, pixel_values, layers, role="teacher")
         try:
             stage = tap.stages[stage_index]
         except IndexError:
