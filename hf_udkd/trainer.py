@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from accelerate.state import AcceleratorState
+from accelerate.utils import is_compiled_module
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
@@ -47,6 +48,17 @@ def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
         )
     keys = ["pixel_values"] + ([TEACHER_INPUT] if TEACHER_INPUT in examples[0] else [])
     return {key: torch.stack([torch.as_tensor(ex[key]) for ex in examples]) for key in keys}
+
+
+def _batch_mean(value: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A loss term's mean over the batch. ``nn.DataParallel`` (several GPUs, one process) gathers each replica's
+    mean into a (replicas,) vector; the replicas held the batch's chunks, so their means are weighted by size."""
+    value = value.detach().float()
+    if value.dim() == 0:
+        return value
+    chunk_sizes = [len(chunk) for chunk in torch.arange(batch_size).chunk(value.numel())]
+    weights = torch.tensor(chunk_sizes, dtype=value.dtype, device=value.device)
+    return (value * weights).sum() / batch_size
 
 
 class UDKDTrainer(Trainer):
@@ -97,6 +109,13 @@ class UDKDTrainer(Trainer):
         elif not isinstance(args, UDKDTrainingArguments):
             raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
         student = load_model(model, "student")
+        if is_compiled_module(student):
+            # The Trainer saves, wraps and loads the module it trains: the student's own, not a compiled wrapper.
+            logger.warning(
+                "The student is compiled (torch.compile): UDKDTrainer trains the module it wraps. Pass "
+                "torch_compile=True in UDKDTrainingArguments to compile the whole step (student, heads and loss)."
+            )
+            student = student._orig_mod
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
         with whole_weights(student):
             student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
@@ -245,7 +264,7 @@ class UDKDTrainer(Trainer):
         for name in LOSS_TERMS:
             value = getattr(outputs, name)
             if value is not None:
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * batch_size
+                sums[name] = sums.get(name, 0.0) + _batch_mean(value, batch_size) * batch_size
         sums["count"] = sums.get("count", 0) + batch_size
         if split == "train" and not self._checked_finite:
             # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
@@ -311,7 +330,8 @@ class UDKDTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            # Under torch_compile the distiller is compiled: its own state dict has the plain parameter names.
+            state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
         student_state, head_state = checkpoint.split_state(state_dict)
         checkpoint.save_student(self.student, student_state, output_dir)
         if self._saving_checkpoint:
@@ -323,13 +343,15 @@ class UDKDTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        checkpoint.load_student_and_heads(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model))
+        distiller = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        checkpoint.load_student_and_heads(resume_from_checkpoint, distiller)
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_best_model()
         logger.info(f"Loading best model from {self.state.best_model_checkpoint}")
-        checkpoint.load_student_and_heads(self.state.best_model_checkpoint, self.accelerator.unwrap_model(self.model))
+        distiller = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        checkpoint.load_student_and_heads(self.state.best_model_checkpoint, distiller)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
