@@ -252,7 +252,8 @@ def _states_before_downsampling(model: nn.Module) -> Iterator[None]:
 def _warn_eager(model: nn.Module, why: str) -> None:
     logger.warning_once(
         f"{type(uncompiled(model)).__name__} is compiled (torch.compile), but its feature tap runs the uncompiled "
-        f"module: {why}. Compile the whole training step instead (torch_compile=True in the training arguments)."
+        f"module: {why}. For a student, torch_compile=True in UDKDTrainingArguments compiles the whole training "
+        "step, taps included."
     )
 
 
