@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 
+# The weights of the loss terms, and DKD's weights of its two parts.
+_LOSS_WEIGHTS = ("w_ce", "w_logit", "w_feat", "w_supp", "dkd_alpha", "dkd_beta")
 _TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -20,6 +23,11 @@ class UDKDTrainingArguments(TrainingArguments):
     Parameters:
         temperature (`float`, *optional*, defaults to `4.0`):
             Softmax temperature T of every KL term (T = 1 is used for ImageNet-scale runs).
+        w_ce (`float`, *optional*, defaults to `1.0`):
+            Weight of the cross-entropy term `loss_ce`, the mean over the labelled examples of the batch (labels
+            `-100` are unlabelled and get the distillation terms only; 0 when a batch has none). It uses the
+            Trainer's `label_smoothing_factor`. transformers' distillation guide's `(1 - lambda_param) * CE +
+            lambda_param * KD` is `w_ce = 1 - lambda_param`, `w_logit = lambda_param`.
         w_logit (`float`, *optional*, defaults to `1.0`):
             Weight of the logit distillation term `loss_logit`.
         w_feat (`float`, *optional*, defaults to `1.0`):
@@ -27,9 +35,25 @@ class UDKDTrainingArguments(TrainingArguments):
         w_supp (`float`, *optional*, defaults to `1.0`):
             Weight of the supplementary term `loss_supp`, KL(z_s <- s) + KL(z_t <- t).
         logit_loss (`str`, *optional*, defaults to `"kd"`):
-            `"kd"` (Hinton) or `"dkd"` (Decoupled KD, alpha=1, beta=8, linear warm-up over `dkd_warmup_epochs`).
-        dkd_warmup_epochs (`float`, *optional*, defaults to `20.0`):
-            Epochs over which the DKD term ramps up linearly from 0.
+            `"kd"` (Hinton) or `"dkd"` (Decoupled KD, `dkd_alpha` * TCKD + `dkd_beta` * NCKD, linear warm-up).
+            DKD needs each example's true class: an unlabelled example (`-100`, or a batch without labels) uses
+            the teacher's prediction instead.
+        dkd_alpha (`float`, *optional*, defaults to `1.0`):
+            DKD's weight of the target-class term (TCKD).
+        dkd_beta (`float`, *optional*, defaults to `8.0`):
+            DKD's weight of the non-target-class term (NCKD).
+        dkd_warmup_ratio (`float`, *optional*, defaults to `20/240`):
+            Share of the training steps over which the DKD term ramps up linearly from 0 (the paper's 20 of 240
+            epochs), used unless `dkd_warmup_epochs` is set.
+        dkd_warmup_epochs (`float`, *optional*):
+            Epochs over which the DKD term ramps up linearly from 0, instead of `dkd_warmup_ratio`.
+        logit_standardization (`bool`, *optional*, defaults to `False`):
+            Z-score each logit vector per example, `(x - mean) / std`, before the temperature softmax of every KL
+            term (KD, DKD, the feature and supplementary terms), teacher and student alike (Sun et al., CVPR
+            2024): the student need not match the teacher's logit scale.
+        feature_temperature (`float`, *optional*):
+            Temperature of the feature and supplementary KL terms; `None` uses `temperature` (the development
+            code's DKD variant uses 1).
         feature_kl (`str`, *optional*, defaults to `"sampled"`):
             `"sampled"`: softmax KL between sampled z_s and z_t; `"gaussian"`: closed-form KL between the two
             predicted diagonal Gaussians.
@@ -43,6 +67,9 @@ class UDKDTrainingArguments(TrainingArguments):
             Fusion width M of the AFF, its main cost; chosen by the accuracy study and the benchmarks.
         aff_batch_norm (`bool`, *optional*, defaults to `False`):
             BatchNorm after the AFF's 1x1 convs (ReviewKD's original).
+        aff_init (`str`, *optional*, defaults to `"default"`):
+            The AFF's initialisation: `"default"` (PyTorch's, convs with biases) or `"kaiming"` (the development
+            code's: Kaiming-uniform with a=1, the 1x1 and output convs without bias).
         student_layers (`list[str]`, *optional*):
             Student layers to fuse, shallow to deep: indices into the model's feature list (`hidden_states`
             for transformers models, `forward_intermediates` for timm) or submodule names (tapped with hooks).
@@ -64,14 +91,32 @@ class UDKDTrainingArguments(TrainingArguments):
     """
 
     temperature: float = field(default=4.0, metadata={"help": "Softmax temperature T of every KL term."})
+    w_ce: float = field(
+        default=1.0, metadata={"help": "Weight of the cross-entropy term (mean over the labelled examples)."}
+    )
     w_logit: float = field(default=1.0, metadata={"help": "Weight of the logit distillation term."})
     w_feat: float = field(default=1.0, metadata={"help": "Weight of the feature-distribution KL term."})
     w_supp: float = field(default=1.0, metadata={"help": "Weight of the supplementary KL terms."})
     logit_loss: str = field(
         default="kd", metadata={"help": "Logit distillation loss.", "choices": ["kd", "dkd"]}
     )
-    dkd_warmup_epochs: float = field(
-        default=20.0, metadata={"help": "Epochs over which the DKD term ramps up linearly from 0."}
+    dkd_alpha: float = field(default=1.0, metadata={"help": "DKD's weight of the target-class term (TCKD)."})
+    dkd_beta: float = field(default=8.0, metadata={"help": "DKD's weight of the non-target-class term (NCKD)."})
+    dkd_warmup_ratio: float = field(
+        default=20 / 240,
+        metadata={"help": "Share of the training steps over which the DKD term ramps up linearly from 0."},
+    )
+    dkd_warmup_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Epochs over which the DKD term ramps up from 0, instead of dkd_warmup_ratio."},
+    )
+    logit_standardization: bool = field(
+        default=False,
+        metadata={"help": "Z-score every logit vector before the temperature softmax of each KL term."},
+    )
+    feature_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Temperature of the feature and supplementary KL terms; None uses temperature."},
     )
     feature_kl: str = field(
         default="sampled",
@@ -88,6 +133,11 @@ class UDKDTrainingArguments(TrainingArguments):
     )
     aff_channels: int = field(default=64, metadata={"help": "Fusion width M of the AFF (its main cost)."})
     aff_batch_norm: bool = field(default=False, metadata={"help": "BatchNorm after the AFF's 1x1 convs."})
+    aff_init: str = field(
+        default="default",
+        metadata={"help": "AFF initialisation: PyTorch's or the development code's.",
+                  "choices": ["default", "kaiming"]},
+    )
     student_layers: list[str] | None = field(
         default=None,
         metadata={"help": "Student layers to fuse: feature-list indices or submodule names. Default: automatic."},
@@ -123,8 +173,29 @@ class UDKDTrainingArguments(TrainingArguments):
             raise ValueError(f"feature_kl={self.feature_kl!r}: use 'sampled' or 'gaussian'")
         if self.teacher_dtype != "auto" and self.teacher_dtype not in _TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use 'auto' or one of {list(_TEACHER_DTYPES)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        for name in ("temperature", "feature_temperature"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value}: a softmax temperature must be a finite positive number (e.g. 4)")
+        for name in _LOSS_WEIGHTS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"{name}={value}: loss weights must be finite and non-negative. Use 0 to switch the term off "
+                    "(use_fdp=False drops the feature terms and their heads altogether)."
+                )
+        if not 0 <= self.dkd_warmup_ratio <= 1:
+            raise ValueError(
+                f"dkd_warmup_ratio={self.dkd_warmup_ratio}: a share of the run, between 0 (no warm-up) and 1"
+            )
+        epochs = self.dkd_warmup_epochs
+        if epochs is not None and not (math.isfinite(epochs) and epochs >= 0):
+            raise ValueError(
+                f"dkd_warmup_epochs={epochs}: use a non-negative number of epochs, or None to "
+                "warm up over dkd_warmup_ratio of the run"
+            )
+        if self.aff_init not in ("default", "kaiming"):
+            raise ValueError(f"aff_init={self.aff_init!r}: use 'default' or 'kaiming'")
         if self.aff_channels < 1:
             raise ValueError(f"aff_channels must be at least 1, got {self.aff_channels}")
         if self.teacher_cache_dir is not None and not self.teacher_cache:

@@ -32,6 +32,8 @@ class AdaptiveFeatureFusion(nn.Module):
         out_channels: channels of the teacher tap, C_T.
         out_size: (H_T, W_T) of the teacher tap.
         batch_norm: BatchNorm after the 1x1 convs (ReviewKD's original) instead of none.
+        init: ``"default"`` (PyTorch's conv initialisation, with biases) or ``"kaiming"`` (the development
+            code's: Kaiming-uniform with a=1 for the 1x1 and output convs, which then have no bias).
     """
 
     def __init__(
@@ -41,12 +43,14 @@ class AdaptiveFeatureFusion(nn.Module):
         out_channels: int,
         out_size: tuple[int, int],
         batch_norm: bool = False,
+        init: str = "default",
     ):
         super().__init__()
+        kaiming = init == "kaiming"
         self.out_size = tuple(out_size)
         self.laterals = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(c, width, kernel_size=1, bias=not batch_norm),
+                nn.Conv2d(c, width, kernel_size=1, bias=not (batch_norm or kaiming)),
                 nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
                 nn.ReLU(inplace=True),
             )
@@ -57,8 +61,12 @@ class AdaptiveFeatureFusion(nn.Module):
             nn.Conv2d(2 * width, 2, kernel_size=1) for _ in range(len(in_channels) - 1)
         )
         self.output = nn.Sequential(
-            nn.Conv2d(width, out_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True)
+            nn.Conv2d(width, out_channels, kernel_size=3, padding=1, bias=not kaiming), nn.ReLU(inplace=True)
         )
+        if kaiming:
+            # As ReviewKD's ABF, which the development code follows; its attention conv keeps the default.
+            for conv in [lateral[0] for lateral in self.laterals] + [self.output[0]]:
+                nn.init.kaiming_uniform_(conv.weight, a=1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``features``: (B, C_l, H_l, W_l) maps, shallow to deep -> (B, C_T, H_T, W_T)."""

@@ -6,18 +6,70 @@ small differences that distillation lives on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from .constants import IGNORE_INDEX
 
-def kd_loss(pulled: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score each logit vector over its last dimension, ``(x - mean) / std`` (Sun et al., CVPR 2024).
+
+    As in the authors' code: unbiased std, ``eps`` added to it, so that a constant vector stays finite.
+    """
+    return (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + eps)
+
+
+def _prepare(logits: torch.Tensor, temperature: float, standardized: bool) -> torch.Tensor:
+    logits = logits.float()
+    return (standardize(logits) if standardized else logits) / temperature
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled examples (``labels != -100``); exactly 0 when there are none.
+
+    Divided by the labelled count clamped to 1 on the device, so neither a host sync nor a NaN.
+    """
+    summed = F.cross_entropy(
+        logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
+    )
+    return summed / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def kd_terms(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float]], standardized: bool = False
+) -> list[torch.Tensor]:
+    """Several KD terms at once: one scalar :func:`kd_loss` per ``(pulled, target, temperature)`` triple.
+
+    The pairs, all (B, K), are stacked and go through one softmax-KL pass per distinct temperature, so the
+    terms of a step cost a few kernels instead of a few per term (the step's small kernels, not its
+    arithmetic, set UniKD's overhead on a GPU). The grouping depends on the configuration only.
+    """
+    terms: list[torch.Tensor | None] = [None] * len(pairs)
+    for temperature in dict.fromkeys(t for _, _, t in pairs):
+        members = [i for i, (_, _, t) in enumerate(pairs) if t == temperature]
+        # (2N, B, K): the N pulled sides, then the N targets.
+        both = torch.stack([pairs[i][0] for i in members] + [pairs[i][1] for i in members])
+        log_pulled, log_target = F.log_softmax(_prepare(both, temperature, standardized), dim=-1).chunk(2)
+        # KL(target || pulled) summed over K, averaged over B (F.kl_div's "batchmean"), times T^2: one reduction.
+        scale = temperature**2 / both.shape[1]
+        values = (log_target.exp() * (log_target - log_pulled)).sum(dim=(-2, -1)) * scale
+        for i, value in zip(members, values.unbind(), strict=True):
+            terms[i] = value
+    return terms
+
+
+def kd_loss(
+    pulled: torch.Tensor, target: torch.Tensor, temperature: float, standardized: bool = False
+) -> torch.Tensor:
     """Hinton's KD, ``T^2 * mean_batch KL(softmax(target / T) || softmax(pulled / T))``.
 
-    ``pulled`` is the side that learns, ``target`` the side it is pulled toward.
+    ``pulled`` is the side that learns, ``target`` the side it is pulled toward; ``standardized`` z-scores
+    both before the temperature (logit standardization).
     """
-    log_p_pulled = F.log_softmax(pulled.float() / temperature, dim=-1)
-    log_p_target = F.log_softmax(target.float() / temperature, dim=-1)
-    return F.kl_div(log_p_pulled, log_p_target, reduction="batchmean", log_target=True) * temperature**2
+    return kd_terms([(pulled, target, temperature)], standardized)[0]
 
 
 def dkd_loss(
@@ -27,12 +79,16 @@ def dkd_loss(
     temperature: float,
     alpha: float = 1.0,
     beta: float = 8.0,
+    standardized: bool = False,
 ) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``.
 
-    TCKD distills the binary target-vs-rest split, NCKD the distribution over the non-target classes.
+    TCKD distills the binary target-vs-rest split, NCKD the distribution over the non-target classes. An
+    unlabelled example (``-100``) takes the teacher's prediction as its target class (METHOD.md §6).
     """
-    student, teacher = student.float() / temperature, teacher.float() / temperature
+    labels = torch.where(labels == IGNORE_INDEX, teacher.argmax(-1), labels)
+    student = _prepare(student, temperature, standardized)
+    teacher = _prepare(teacher, temperature, standardized)
     target_mask = F.one_hot(labels, student.shape[-1]).bool()
 
     def binary(logits: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .config import UDKDTrainingArguments
+from .constants import IGNORE_INDEX
 from .heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
-from .losses import dkd_loss, gaussian_kl, kd_loss
+from .losses import cross_entropy, dkd_loss, gaussian_kl, kd_terms
 from .taps import FeatureTap, StageInfo
 
 LOSS_TERMS = ("loss_ce", "loss_logit", "loss_feat", "loss_supp")
@@ -79,6 +79,7 @@ class DistillationModel(nn.Module):
                 teacher_stage.channels,
                 (teacher_stage.height, teacher_stage.width),
                 batch_norm=args.aff_batch_norm,
+                init=args.aff_init,
             )
             student_channels = teacher_stage.channels
         else:
@@ -119,7 +120,9 @@ class DistillationModel(nn.Module):
         """
         Args:
             pixel_values: (B, 3, H, W) student input.
-            labels: (B,) class indices; without them only logits are returned.
+            labels: (B,) class indices, ``-100`` for an unlabelled example (distillation terms only). Without
+                labels and without teacher outputs only the logits are returned (prediction); without labels
+                but with teacher outputs every example is unlabelled.
             teacher_logits: (B, K) teacher logits, no gradient.
             teacher_features: (B, C_T) pooled teacher tap, no gradient.
             logit_weight: a schedule factor on ``loss_logit`` (DKD's warm-up).
@@ -130,43 +133,74 @@ class DistillationModel(nn.Module):
         pixel_values = pixel_values.to(next(self.student.parameters()).dtype)
         if teacher_features is not None and self.fdp_teacher is not None:
             teacher_features = teacher_features.to(self.fdp_teacher.mu.weight.dtype)
-        needs_stages = self.fdp_student is not None and labels is not None
-        if needs_stages:
+        needs_loss = labels is not None or teacher_logits is not None
+        if self.fdp_student is not None and needs_loss:
             tapped = self.student_tap(self.student, pixel_values)
             logits, stages = tapped.logits, tapped.stages
         else:
             output = self.student(pixel_values)
-            logits = output if isinstance(output, torch.Tensor) else output.logits
-        if labels is None:
+            logits, stages = (output if isinstance(output, torch.Tensor) else output.logits), None
+        if not needs_loss:
             return DistillationOutput(logits=logits)
+        if labels is None:
+            labels = torch.full(logits.shape[:1], IGNORE_INDEX, dtype=torch.long, device=logits.device)
 
-        loss_ce = F.cross_entropy(logits.float(), labels)
+        loss_ce = cross_entropy(logits, labels, args.label_smoothing_factor)
+        loss = args.w_ce * loss_ce
         if not self.uses_teacher:
-            return DistillationOutput(loss=loss_ce, logits=logits, loss_ce=loss_ce)
+            return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce)
         if teacher_logits is None:
             raise ValueError("the distiller needs teacher_logits with labels; UDKDTrainer passes them")
+        terms = self._distillation_terms(logits, stages, labels, teacher_logits, teacher_features, logit_weight)
+        loss = loss + args.w_logit * terms["loss_logit"]
+        if stages is not None:
+            loss = loss + args.w_feat * terms["loss_feat"] + args.w_supp * terms["loss_supp"]
+        return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce, **terms)
+
+    def _distillation_terms(
+        self,
+        logits: torch.Tensor,
+        stages: list[torch.Tensor] | None,
+        labels: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        teacher_features: torch.Tensor | None,
+        logit_weight: float,
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted ``loss_logit`` and, with FDP (``stages`` given), ``loss_feat`` and ``loss_supp``."""
+        args = self.args
+        # Every softmax-KL term of the step, as (pulled, target, temperature), computed together by kd_terms.
+        kl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        if args.logit_loss == "kd":
+            kl_pairs["logit"] = (logits, teacher_logits, args.temperature)
+        if stages is not None:
+            mu_s, log_var_s = self.fdp_student(self._student_feature(stages))
+            mu_t, log_var_t = self.fdp_teacher(teacher_features)
+            z_s, z_t = self._sample(mu_s, log_var_s), self._sample(mu_t, log_var_t)
+
+            def target(x: torch.Tensor) -> torch.Tensor:
+                return x.detach() if args.detach_targets else x
+
+            feature_temperature = (
+                args.temperature if args.feature_temperature is None else args.feature_temperature
+            )
+            if args.feature_kl == "sampled":
+                kl_pairs["feat"] = (z_s, target(z_t), feature_temperature)
+            kl_pairs["supp_student"] = (z_s, target(logits), feature_temperature)
+            kl_pairs["supp_teacher"] = (z_t, teacher_logits, feature_temperature)
+        kl = dict(zip(kl_pairs, kd_terms(list(kl_pairs.values()), args.logit_standardization), strict=True))
 
         if args.logit_loss == "dkd":
-            loss_logit = logit_weight * dkd_loss(logits, teacher_logits, labels, args.temperature)
+            terms = {"loss_logit": logit_weight * dkd_loss(
+                logits, teacher_logits, labels, args.temperature, args.dkd_alpha, args.dkd_beta,
+                args.logit_standardization,
+            )}
         else:
-            loss_logit = kd_loss(logits, teacher_logits, args.temperature)
-        loss = loss_ce + args.w_logit * loss_logit
-        if self.fdp_student is None:
-            return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce, loss_logit=loss_logit)
-
-        mu_s, log_var_s = self.fdp_student(self._student_feature(stages))
-        mu_t, log_var_t = self.fdp_teacher(teacher_features)
-        z_s, z_t = self._sample(mu_s, log_var_s), self._sample(mu_t, log_var_t)
-
-        def target(x: torch.Tensor) -> torch.Tensor:
-            return x.detach() if args.detach_targets else x
-
+            terms = {"loss_logit": kl["logit"]}
+        if stages is None:
+            return terms
         if args.feature_kl == "gaussian":
-            loss_feat = gaussian_kl(mu_s, log_var_s, target(mu_t), target(log_var_t))
+            terms["loss_feat"] = gaussian_kl(mu_s, log_var_s, target(mu_t), target(log_var_t))
         else:
-            loss_feat = kd_loss(z_s, target(z_t), args.temperature)
-        loss_supp = kd_loss(z_s, target(logits), args.temperature) + kd_loss(z_t, teacher_logits, args.temperature)
-        loss = loss + args.w_feat * loss_feat + args.w_supp * loss_supp
-        return DistillationOutput(
-            loss=loss, logits=logits, loss_ce=loss_ce, loss_logit=loss_logit, loss_feat=loss_feat, loss_supp=loss_supp
-        )
+            terms["loss_feat"] = kl["feat"]
+        terms["loss_supp"] = kl["supp_student"] + kl["supp_teacher"]
+        return terms

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,16 +13,19 @@ from accelerate.utils import is_compiled_module
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import EvalPrediction
+from transformers.modelcard import extract_hyperparameters_from_trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, HubStrategy, SaveStrategy
 from transformers.utils import logging
-from transformers.utils.hub import hf_api
+from transformers.utils.hub import PushInProgress, hf_api
 
-from . import checkpoint, model_card
+from . import checkpoint, model_card, validation
 from .config import UDKDTrainingArguments
 from .constants import INDEX_KEY, TEACHER_INPUT
 from .modeling import LOSS_TERMS, DistillationModel
 from .taps import FeatureTap
-from .teacher import Teacher, check_same_labels, load_model, whole_weights
+from .teacher import Teacher, check_same_labels, label_names, load_model, whole_weights
 from .teacher_cache import IndexedCollator, IndexedDataset, TeacherCache, build_teacher_cache
 
 logger = logging.get_logger(__name__)
@@ -81,8 +85,9 @@ class UDKDTrainer(Trainer):
             Training and distillation options.
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for [`~transformers.Trainer`]. Examples must hold `pixel_values` and `labels`; an optional
-            `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
+            As for [`~transformers.Trainer`]. Examples hold `pixel_values` and `labels`; with a teacher, training
+            labels are optional (`-100`, or no `labels` key: distillation terms only), evaluation needs them. An
+            optional `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
     """
 
     _tag_names = ["hf_udkd", "knowledge-distillation", "unikd", "image-classification"]
@@ -116,13 +121,18 @@ class UDKDTrainer(Trainer):
                 "torch_compile=True in UDKDTrainingArguments to compile the whole step (student, heads and loss)."
             )
             student = student._orig_mod
+        teacher_module = load_model(teacher_model, "teacher") if teacher_model is not None else None
+        teacher_folder = checkpoint.source_folder(teacher_module) if teacher_module is not None else None
+        checkpoint.refuse_teacher_folder(args.output_dir, teacher_folder)
+        validation.check_not_empty(train_dataset, eval_dataset)
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
+        validation.check_pixel_values(probe, student, teacher_module)
         with whole_weights(student):
             student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
         teacher = None
-        if teacher_model is not None:
+        if teacher_module is not None:
             teacher = Teacher.from_probe(
-                load_model(teacher_model, "teacher"), probe.get(TEACHER_INPUT, probe["pixel_values"]),
+                teacher_module, probe.get(TEACHER_INPUT, probe["pixel_values"]),
                 args.teacher_layers, args.teacher_stage,
             )
             check_same_labels(student, teacher.module, student_tap.num_labels, teacher.num_labels)
@@ -133,6 +143,8 @@ class UDKDTrainer(Trainer):
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         set_seed(args.seed)
         distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
+        validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
+        validation.check_last_batch(distiller, train_dataset, args)
 
         super().__init__(
             model=distiller,
@@ -155,7 +167,10 @@ class UDKDTrainer(Trainer):
             teacher.prepare(self.accelerator, args, getattr(self.accelerator.state, "deepspeed_plugin", None))
             if teacher is not None else None
         )
+        self._teacher_folder = teacher_folder
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
+        # (len(LOSS_TERMS), 2) on the device: first and last global step in which each term was not finite.
+        self._non_finite_steps: torch.Tensor | None = None
         self._checked_finite = False
         self._saving_checkpoint = False
         self.teacher_cache: TeacherCache | None = None
@@ -220,9 +235,16 @@ class UDKDTrainer(Trainer):
         return self.teacher_cache.fetch(indices, compute, teacher_input.device)
 
     def _logit_weight(self) -> float:
-        if self.args.logit_loss != "dkd" or self.args.dkd_warmup_epochs <= 0:
+        """DKD's linear warm-up: the share of it done so far, 1 once it is over (and always for KD)."""
+        args = self.args
+        if args.logit_loss != "dkd":
             return 1.0
-        return min(1.0, (self.state.epoch or 0.0) / self.args.dkd_warmup_epochs)
+        if args.dkd_warmup_epochs is not None:
+            done, warmup = self.state.epoch or 0.0, args.dkd_warmup_epochs
+        else:
+            # max_steps is 0 before training starts (an evaluation first): no warm-up to be in.
+            done, warmup = self.state.global_step, args.dkd_warmup_ratio * self.state.max_steps
+        return min(1.0, done / warmup) if warmup > 0 else 1.0
 
     def compute_loss(
         self,
@@ -240,8 +262,15 @@ class UDKDTrainer(Trainer):
         pixel_values = inputs["pixel_values"]
         labels = inputs.get("labels")
         teacher_input = inputs.get(TEACHER_INPUT, pixel_values)
+        if labels is None and model.training and self.teacher_model is None:
+            raise ValueError(
+                "the training batch has no 'labels' and there is no teacher: training without a teacher (the "
+                "scratch baseline) needs labels. Add 'labels' to the examples, or pass a teacher_model to distil "
+                "unlabelled images."
+            )
         extra = {}
-        if self.teacher_model is not None and labels is not None:
+        # Training distils every example, labelled or not; evaluation reaches here only with labels.
+        if self.teacher_model is not None and (labels is not None or model.training):
             teacher_logits, teacher_features = self._teacher_outputs_for(inputs, teacher_input, model.training)
             extra = {
                 "teacher_logits": teacher_logits,
@@ -266,19 +295,55 @@ class UDKDTrainer(Trainer):
             if value is not None:
                 sums[name] = sums.get(name, 0.0) + _batch_mean(value, batch_size) * batch_size
         sums["count"] = sums.get("count", 0) + batch_size
-        if split == "train" and not self._checked_finite:
-            # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
-            self._checked_finite = True
-            self._raise_if_not_finite({k: v for k, v in sums.items() if k != "count"}, "the first step")
+        if split == "train":
+            self._mark_non_finite_steps(outputs)
+            if not self._checked_finite:
+                # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
+                self._checked_finite = True
+                self._raise_if_non_finite_steps()
+
+    def _mark_non_finite_steps(self, outputs) -> None:
+        """Record, on the device (no host sync), the first and last step in which each term was not finite."""
+        device = outputs.loss.device
+        bad = torch.stack([
+            ~torch.isfinite(term.detach()).all() if term is not None else torch.zeros((), dtype=torch.bool, device=device)
+            for term in (getattr(outputs, name) for name in LOSS_TERMS)
+        ])
+        if self._non_finite_steps is None:
+            never = torch.tensor([torch.iinfo(torch.int64).max, -1], device=device)
+            self._non_finite_steps = never.repeat(len(LOSS_TERMS), 1)
+        step = self.state.global_step + 1
+        first, last = self._non_finite_steps.unbind(-1)
+        self._non_finite_steps = torch.stack([torch.where(bad, first.clamp(max=step), first),
+                                              torch.where(bad, step, last)], dim=-1)
+
+    def _raise_if_non_finite_steps(self) -> None:
+        """Raise if a loss term was not finite in any step on any process so far: at logging and before saves."""
+        if self._non_finite_steps is None:
+            return
+        first, last = self._non_finite_steps.unbind(-1)
+        # Negated, the first step reduces by max like the last: one collective. torch.distributed directly, since
+        # accelerate reduces by sum or mean only.
+        extremes = torch.stack([-first, last])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+        first, last = (-extremes[0]).tolist(), extremes[1].tolist()
+        bad = [f"{name} in step {a}" if a == b else f"{name} in steps {a}-{b}"
+               for name, a, b in zip(LOSS_TERMS, first, last, strict=True) if b >= 0]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite UniKD loss term(s): {', '.join(bad)}. Nothing from these steps is saved: checkpoints "
+                "written before them are untouched. Lower the learning rate, check the inputs, or use bf16 instead "
+                "of fp16; a term going bad alone points at its weight (w_logit, w_feat, w_supp) or at the teacher."
+            )
 
     @staticmethod
     def _raise_if_not_finite(values: dict[str, torch.Tensor], when: str) -> None:
         bad = [name for name, value in values.items() if not torch.isfinite(torch.as_tensor(value)).all()]
         if bad:
             raise FloatingPointError(
-                f"non-finite UniKD loss term(s) {bad} in {when}. Lower the learning rate, check the inputs, "
-                "or use bf16 instead of fp16; a term going bad alone points at its weight (w_logit, w_feat, "
-                "w_supp) or at the teacher."
+                f"non-finite UniKD loss term(s) {bad} in {when}. Check the inputs and the teacher; in training, "
+                "lower the learning rate or use bf16 instead of fp16."
             )
 
     def _reduce_terms(self, split: str) -> dict[str, float]:
@@ -297,6 +362,7 @@ class UDKDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
+            self._raise_if_non_finite_steps()
             logs.update(self._reduce_terms("train"))
         super().log(logs, start_time)
 
@@ -316,29 +382,115 @@ class UDKDTrainer(Trainer):
         """The student being trained (unwrapped)."""
         return self.accelerator.unwrap_model(self.model).student
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the latest *complete* checkpoint
+        in `output_dir`; an incomplete checkpoint, or one written with other distillation options, is refused
+        before anything is loaded."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoint.last_complete(self.args.output_dir)
+        if resume_from_checkpoint:
+            checkpoint.check_resumable(resume_from_checkpoint, checkpoint.distillation_options(self.args))
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
     def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written in `_incomplete-checkpoint-N` and renamed to `checkpoint-N` once
+        complete, so that a crash leaves a complete checkpoint or none. Refused when a loss term or a weight is not
+        finite; rotation (`save_total_limit`) never deletes the checkpoint just written or the best one."""
+        self._raise_if_non_finite_steps()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = checkpoint.staging_folder(folder)
+        if self._writes_checkpoint_folders:
+            checkpoint.prepare_staging(run_dir, staging)
+        self.accelerator.wait_for_everyone()
         self._saving_checkpoint = True
         try:
-            super()._save_checkpoint(model, trial)
+            self.save_model(staging, _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(staging)
+                self._save_scaler(staging)
+                self._save_rng_state(staging)
         finally:
             self._saving_checkpoint = False
+        self._update_best_checkpoint(run_dir, folder)
+        if self.args.should_save:
+            self._save_trainer_state(staging)
+        # Every process has written its files (RNG and noise states) before the folder is declared complete.
+        self.accelerator.wait_for_everyone()
+        if self._writes_checkpoint_folders:
+            checkpoint.publish(staging, folder, checkpoint.distillation_options(self.args))
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(folder)
+        if self._writes_checkpoint_folders:
+            checkpoint.rotate(run_dir, self.args.save_total_limit, [folder, self.state.best_model_checkpoint])
+
+    @property
+    def _writes_checkpoint_folders(self) -> bool:
+        """Whether this process creates, completes and rotates the checkpoint folders: one per machine. `should_save`
+        alone can hold on every process of a machine (DeepSpeed on CPU, whose processes accelerate counts as one),
+        which would then race to rename the same folder."""
+        return self.args.should_save and int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def _update_best_checkpoint(self, run_dir: str, folder: str) -> None:
+        """`state.best_model_checkpoint` under its final name, as `Trainer._save_checkpoint` sets it."""
+        strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        if self.args.save_strategy in strategies and self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if best == folder or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+
+    def _save_trainer_state(self, output_dir: str) -> None:
+        """`trainer_state.json` with the state of every stateful callback, as `Trainer._save_checkpoint` writes it."""
+        for callback in self.callback_handler.callbacks + [self.control]:
+            if not isinstance(callback, ExportableState):
+                continue
+            name, state = type(callback).__name__, callback.state()
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(state)
+            else:
+                self.state.stateful_callbacks[name] = state
+        self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As [`~transformers.Trainer.save_model`]; refused when a loss term was not finite since training began."""
+        self._raise_if_non_finite_steps()
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the student alone in standard format; in checkpoints, the heads beside it."""
+        """Write the student alone in standard format; in checkpoints, the heads beside it. Refused inside the
+        teacher's folder and for weights that are not finite; another model's files there are removed first."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.refuse_teacher_folder(output_dir, self._teacher_folder)
         if state_dict is None:
             # Under torch_compile the distiller is compiled: its own state dict has the plain parameter names.
             state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
         student_state, head_state = checkpoint.split_state(state_dict)
-        checkpoint.save_student(self.student, student_state, output_dir)
+        self._refuse_non_finite_weights(student_state, "student", output_dir)
+        if self._saving_checkpoint:
+            self._refuse_non_finite_weights(head_state, "UniKD heads", output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.remove_stale_model_files(output_dir)
+        labels = label_names(self.teacher_model) if self.teacher_model is not None else None
+        checkpoint.save_student(self.student, student_state, output_dir, labels)
         if self._saving_checkpoint:
             checkpoint.save_heads(head_state, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         checkpoint.save_training_args(self.args, output_dir)
+
+    def _refuse_non_finite_weights(self, state: dict[str, torch.Tensor], role: str, output_dir: str) -> None:
+        bad = checkpoint.non_finite(state)
+        if bad:
+            raise FloatingPointError(
+                f"the {role}'s weights hold NaN or inf at step {self.state.global_step} ({', '.join(bad[:5])}"
+                f"{', ...' if len(bad) > 5 else ''}): nothing was saved to {output_dir}, and checkpoints written "
+                "before are untouched. Lower the learning rate or use bf16 instead of fp16, and resume from the "
+                "last checkpoint."
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -431,7 +583,8 @@ class UDKDTrainer(Trainer):
             dataset_tags (`str` or `list[str]`, *optional*):
                 Hub dataset ids, for the `datasets` metadata.
             dataset (`str` or `list[str]`, *optional*):
-                Readable dataset names; the `model-index` needs one (or a dataset tag) to list results.
+                Readable dataset names, which the `model-index` needs to list results. Default: the dataset tags,
+                else the evaluation (or training) `datasets.Dataset`'s own name, else `"custom"`.
             dataset_args (`str`, *optional*):
                 The dataset configuration the metrics were computed on.
             dataset_split (`str`, *optional*):
@@ -450,6 +603,10 @@ class UDKDTrainer(Trainer):
         teacher = self.teacher_model
         dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
         dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
+        if not dataset_names:
+            # The model-index lists results only under a dataset name.
+            dataset_names = [model_card.dataset_name(self.eval_dataset if self.eval_dataset is not None
+                                                     else self.train_dataset)]
         history = self.state.log_history
         record = model_card.DistillationRecord(
             model_name=model_name or self._default_model_name(),
@@ -457,6 +614,9 @@ class UDKDTrainer(Trainer):
             student_architecture=type(student).__name__,
             student_parameters=model_card.count_parameters(student),
             student_origin=finetuned_from or model_card.origin(student),
+            # Raw timm students are saved in the format of transformers' TimmWrapper.
+            library_name="transformers" if isinstance(student, PreTrainedModel) or checkpoint.is_timm_model(student)
+            else None,
             teacher_name=(teacher_name or model_card.display_name(teacher)) if teacher is not None else None,
             teacher_origin=model_card.origin(teacher) if teacher is not None else None,
             teacher_architecture=type(teacher).__name__ if teacher is not None else None,
@@ -466,7 +626,9 @@ class UDKDTrainer(Trainer):
                 [stage.layer for stage in self.accelerator.unwrap_model(self.model).student_tap.stages],
                 self.teacher.stage.layer if self.teacher is not None else None,
             ),
-            hyperparameters=model_card.training_hyperparameters(self.args, self.state.global_step),
+            hyperparameters=model_card.training_hyperparameters(
+                extract_hyperparameters_from_trainer(self), self.args, self.state.global_step
+            ),
             student_metrics=model_card.last_metrics(history, "eval"),
             teacher_metrics=model_card.last_metrics(history, "teacher_eval"),
             log_history=history,
@@ -479,11 +641,6 @@ class UDKDTrainer(Trainer):
             extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
             framework_versions=model_card.framework_versions(),
         )
-        if record.student_metrics and not record.dataset_names:
-            logger.warning(
-                "The model card lists no results in its model-index: the Hub needs the dataset's name. Pass "
-                "dataset= (and dataset_tags= with Hub dataset ids) to create_model_card() or push_to_hub()."
-            )
         model_card.write_model_card(record, self.args.output_dir, template_path)
 
     def push_to_hub(
@@ -497,10 +654,11 @@ class UDKDTrainer(Trainer):
     ):
         """Push the clean student to `args.hub_model_id`: weights, config, image processor, card and loss plot.
 
-        Never the UniKD heads, checkpoints or `training_args.bin`. Everything is written to `output_dir` before
-        the Hub is contacted, so a refused push leaves a complete local copy. When the student has been
-        evaluated and the teacher not yet, the teacher is evaluated once for the card. The token comes from
-        `token`, `args.hub_token`, `HF_TOKEN` or the saved login, and is never written or logged.
+        Exactly these files of `output_dir`; never the UniKD heads, checkpoints, `training_args.bin` or anything
+        else there (a teacher's folder, say). Everything is written to `output_dir` before the Hub is contacted,
+        so a refused push leaves a complete local copy. When the student has been evaluated and the teacher not
+        yet, the teacher is evaluated once for the card. The token comes from `token`, `args.hub_token`,
+        `HF_TOKEN` or the saved login, and is never written or logged.
 
         Args:
             commit_message, blocking, token, revision, private:
@@ -519,6 +677,8 @@ class UDKDTrainer(Trainer):
             and not model_card.last_metrics(history, "teacher_eval")
         ):
             self.evaluate_teacher()
+        # A push still running from training would land after this one, with older weights.
+        self._finish_current_push()
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
@@ -528,15 +688,9 @@ class UDKDTrainer(Trainer):
         try:
             if self.hub_model_id is None:
                 self.init_hf_repo(token=token, private=private)
-            self._finish_current_push()
-            return hf_api().upload_folder(
-                repo_id=self.hub_model_id,
-                folder_path=self.args.output_dir,
-                commit_message=commit_message,
-                token=token,
-                run_as_future=not blocking,
-                allow_patterns=files,
-                revision=revision if revision is not None else self.args.hub_revision,
+            return model_card.commit_files(
+                hf_api(), self.hub_model_id, {name: os.path.join(self.args.output_dir, name) for name in files},
+                commit_message, token, revision if revision is not None else self.args.hub_revision, blocking,
             )
         except HfHubHTTPError as err:
             err.append_to_message(
@@ -545,3 +699,31 @@ class UDKDTrainer(Trainer):
                 f"{self.args.output_dir}`."
             )
             raise
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The push at each save during training (`hub_strategy` other than `"end"`), in the background.
+
+        One commit: the student's config, weights and image processor from `checkpoint_folder` with a card and
+        plot of the run so far at the root, and for `"checkpoint"` / `"all_checkpoints"` the files resuming
+        needs ([`model_card.checkpoint_files`], no `training_args.bin`) in `last-checkpoint/` / `checkpoint-N/`.
+        Nothing else of `output_dir`, where the Trainer's own push would upload whatever lies there.
+        """
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.create_model_card(model_name=self._default_model_name())
+        folder_in_repo = {HubStrategy.CHECKPOINT: "last-checkpoint",
+                          HubStrategy.ALL_CHECKPOINTS: Path(checkpoint_folder).name}.get(self.args.hub_strategy)
+        files = model_card.training_push_files(checkpoint_folder, self.args.output_dir, folder_in_repo)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        job = model_card.commit_files(hf_api(), self.hub_model_id, files, commit_message, self.args.hub_token,
+                                      self.args.hub_revision, blocking=False)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
+from hf_udkd.constants import IGNORE_INDEX
 from hf_udkd.heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
-from hf_udkd.losses import dkd_loss, gaussian_kl, kd_loss
+from hf_udkd.losses import cross_entropy, dkd_loss, gaussian_kl, kd_loss, kd_terms, standardize
 
 torch.manual_seed(0)
 S, T = torch.randn(8, 10), torch.randn(8, 10)
@@ -129,3 +130,105 @@ def test_noise_source_keeps_one_generator_per_device():
     # Drawing again continues the same generator instead of restarting it from the seed.
     again = noise.sample(mu, log_var)
     assert not torch.equal(again, expected)
+
+
+def test_cross_entropy_is_the_mean_over_labelled_examples_and_zero_without_any():
+    labels = LABELS.clone()
+    labels[::2] = IGNORE_INDEX
+    torch.testing.assert_close(cross_entropy(S, labels), F.cross_entropy(S[1::2], LABELS[1::2]))
+    torch.testing.assert_close(
+        cross_entropy(S, labels, label_smoothing=0.1),
+        F.cross_entropy(S[1::2], LABELS[1::2], label_smoothing=0.1),
+    )
+    pulled = S.clone().requires_grad_()
+    none = cross_entropy(pulled, torch.full_like(LABELS, IGNORE_INDEX), label_smoothing=0.1)
+    assert none.item() == 0.0
+    none.backward()
+    assert torch.equal(pulled.grad, torch.zeros_like(S))
+
+
+def test_dkd_takes_the_teachers_prediction_for_unlabelled_examples():
+    unlabelled = torch.full_like(LABELS, IGNORE_INDEX)
+    torch.testing.assert_close(dkd_loss(S, T, unlabelled, 4.0), dkd_loss(S, T, T.argmax(-1), 4.0))
+    mixed = LABELS.clone()
+    mixed[:3] = IGNORE_INDEX
+    expected = LABELS.clone()
+    expected[:3] = T[:3].argmax(-1)
+    torch.testing.assert_close(dkd_loss(S, T, mixed, 4.0), dkd_loss(S, T, expected, 4.0))
+
+
+def test_dkd_exposes_alpha_and_beta():
+    tckd = dkd_loss(S, T, LABELS, 4.0, alpha=1.0, beta=0.0)
+    nckd = dkd_loss(S, T, LABELS, 4.0, alpha=0.0, beta=1.0)
+    torch.testing.assert_close(dkd_loss(S, T, LABELS, 4.0, alpha=2.0, beta=3.0), 2 * tckd + 3 * nckd)
+
+
+def test_standardize_gives_zero_mean_unit_std_rows():
+    z = standardize(3 * S + 5)
+    torch.testing.assert_close(z.mean(-1), torch.zeros(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.std(-1), torch.ones(8))
+    assert torch.isfinite(standardize(torch.ones(2, 10))).all(), "a constant row must stay finite"
+
+
+def test_logit_standardization_makes_kd_and_dkd_invariant_to_logit_scale_and_shift():
+    # A different positive scale and shift per example, on each side.
+    scale_s, shift_s = torch.rand(8, 1) * 5 + 0.2, torch.randn(8, 1) * 10
+    scale_t, shift_t = torch.rand(8, 1) * 5 + 0.2, torch.randn(8, 1) * 10
+    moved_s, moved_t = S * scale_s + shift_s, T * scale_t + shift_t
+    for temperature in (1.0, 4.0):
+        torch.testing.assert_close(
+            kd_loss(moved_s, moved_t, temperature, standardized=True), kd_loss(S, T, temperature, standardized=True)
+        )
+        torch.testing.assert_close(
+            dkd_loss(moved_s, moved_t, LABELS, temperature, standardized=True),
+            dkd_loss(S, T, LABELS, temperature, standardized=True),
+        )
+    # Without standardization the scale matters, so the test above could fail.
+    assert not torch.isclose(kd_loss(moved_s, moved_t, 4.0), kd_loss(S, T, 4.0))
+    # Standardizing is the plain loss on z-scored logits.
+    torch.testing.assert_close(kd_loss(S, T, 4.0, standardized=True), kd_loss(standardize(S), standardize(T), 4.0))
+
+
+def reference_kd(pulled: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One KD term on its own, with F.kl_div: the per-term reference of the fused pass."""
+    log_p_pulled = F.log_softmax(pulled.float() / temperature, dim=-1)
+    log_p_target = F.log_softmax(target.float() / temperature, dim=-1)
+    return F.kl_div(log_p_pulled, log_p_target, reduction="batchmean", log_target=True) * temperature**2
+
+
+def test_fused_kd_terms_equal_each_term_computed_alone():
+    a, b, c, d = torch.randn(4, 8, 10).unbind(0)
+    pairs = [(S, T, 4.0), (a, b, 1.0), (c, d, 4.0), (a, S.bfloat16(), 1.0)]
+    fused = kd_terms(pairs)
+    assert len(fused) == 4
+    for value, (pulled, target, temperature) in zip(fused, pairs, strict=True):
+        torch.testing.assert_close(value, reference_kd(pulled, target, temperature), rtol=0, atol=1e-6)
+    for value, (pulled, target, temperature) in zip(kd_terms(pairs, standardized=True), pairs, strict=True):
+        expected = reference_kd(standardize(pulled.float()), standardize(target.float()), temperature)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    assert kd_terms([]) == []
+
+
+def test_fused_kd_terms_give_each_pulled_side_its_own_gradient():
+    pulled = [x.clone().requires_grad_() for x in (S, T)]
+    sum(kd_terms([(pulled[0], T, 4.0), (pulled[1], S, 2.0)])).backward()
+    for x, (target, temperature) in zip(pulled, [(T, 4.0), (S, 2.0)], strict=True):
+        alone = x.detach().clone().requires_grad_()
+        reference_kd(alone, target, temperature).backward()
+        torch.testing.assert_close(x.grad, alone.grad, rtol=0, atol=1e-6)
+
+
+def test_fusion_kaiming_init_has_no_conv_biases_and_kaiming_bounds():
+    fusion = AdaptiveFeatureFusion([8, 16], width=12, out_channels=4, out_size=(2, 2), init="kaiming")
+    convs = [fusion.laterals[0][0], fusion.laterals[1][0], fusion.output[0]]
+    for conv in convs:
+        assert conv.bias is None
+        fan_in = conv.weight[0].numel()
+        # Kaiming-uniform with a=1: U(-b, b), b = sqrt(6 / ((1 + a^2) fan_in)) = sqrt(3 / fan_in).
+        bound = math.sqrt(3 / fan_in)
+        assert conv.weight.abs().max() <= bound
+        assert conv.weight.abs().max() > 0.8 * bound, "PyTorch's default bound, sqrt(1 / fan_in), is smaller"
+    assert fusion.attentions[0].bias is not None
+    default = AdaptiveFeatureFusion([8, 16], width=12, out_channels=4, out_size=(2, 2))
+    assert all(conv.bias is not None for conv in (default.laterals[0][0], default.output[0]))
+    assert fusion([torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]).shape == (2, 4, 2, 2)

@@ -242,7 +242,7 @@ def test_non_finite_loss_names_the_term(tmp_path, resnet_teacher, resnet_student
         resnet_teacher.classifier[-1].weight.fill_(float("inf"))
     trainer = UDKDTrainer(model=resnet_student, teacher_model=resnet_teacher,
                           args=make_args(tmp_path, max_steps=2), train_dataset=train)
-    with pytest.raises(FloatingPointError, match="non-finite UniKD loss term\\(s\\) \\['loss_logit'"):
+    with pytest.raises(FloatingPointError, match="non-finite UniKD loss term\\(s\\): loss_logit in step 1,"):
         trainer.train()
 
 
@@ -326,7 +326,8 @@ def test_data_parallel_terms_are_reduced_to_batch_means(tmp_path, resnet_student
     # nn.DataParallel (several GPUs, one process) gathers each replica's mean term into a (replicas,) vector.
     trainer = UDKDTrainer(model=resnet_student, args=make_args(tmp_path), train_dataset=subset(digits[0], 8))
     # A batch of 3 on two replicas: chunks of 2 and 1 examples.
-    trainer._accumulate_terms(DistillationOutput(loss_ce=torch.tensor([1.0, 4.0])), 3, "train")
+    vector = torch.tensor([1.0, 4.0])
+    trainer._accumulate_terms(DistillationOutput(loss=vector, loss_ce=vector), 3, "train")
     # A batch of 4 on one device: a plain scalar.
-    trainer._accumulate_terms(DistillationOutput(loss_ce=torch.tensor(0.5)), 4, "train")
+    trainer._accumulate_terms(DistillationOutput(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.5)), 4, "train")
     assert trainer._reduce_terms("train") == {"loss_ce": round((2 * 1.0 + 4.0 + 4 * 0.5) / 7, 4)}
