@@ -55,6 +55,7 @@ logger = logging.get_logger(__name__)
 
 HEADS_NAME = "udkd_heads.safetensors"
 NOISE_STATE_NAME = "udkd_noise_{process}.safetensors"
+NOISE_STATE_KEY = "state"
 MANIFEST_NAME = "udkd_checkpoint.json"
 TRAINING_ARGS_NAME = "training_args.bin"
 STUDENT_PREFIX = "student."
@@ -202,15 +203,23 @@ def _load_heads(path: str, distiller: nn.Module) -> None:
 
 
 def save_noise_state(noise: NoiseSource, output_dir: str, process_index: int) -> None:
-    state = noise.get_state()
-    if state is not None:
-        save_file({"state": state.cpu()}, os.path.join(output_dir, NOISE_STATE_NAME.format(process=process_index)))
+    """One file per process: ``state`` for a process on one device, ``state.<device>`` per device for
+    several (``nn.DataParallel``)."""
+    states = noise.get_states()
+    if not states:
+        return
+    if len(states) == 1:
+        tensors = {NOISE_STATE_KEY: next(iter(states.values())).cpu()}
+    else:
+        tensors = {f"{NOISE_STATE_KEY}.{device}": state.cpu() for device, state in states.items()}
+    save_file(tensors, os.path.join(output_dir, NOISE_STATE_NAME.format(process=process_index)))
 
 
 def load_noise_state(noise: NoiseSource, checkpoint: str, process_index: int) -> None:
     path = os.path.join(checkpoint, NOISE_STATE_NAME.format(process=process_index))
     if os.path.isfile(path):
-        noise.set_state(_read_safetensors(path, "the FDP noise state")["state"])
+        tensors = _read_safetensors(path, "the FDP noise state")
+        noise.set_states({key.removeprefix(f"{NOISE_STATE_KEY}."): state for key, state in tensors.items()})
 
 
 # ---- where a save may go ---------------------------------------------------------------------------------------

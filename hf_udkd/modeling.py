@@ -17,7 +17,7 @@ from .config import UDKDTrainingArguments
 from .constants import IGNORE_INDEX
 from .heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
 from .losses import cross_entropy, dkd_loss, gaussian_kl, kd_terms
-from .taps import FeatureTap, StageInfo
+from .taps import FeatureTap, StageInfo, logits_of
 
 LOSS_TERMS = ("loss_ce", "loss_logit", "loss_feat", "loss_supp")
 
@@ -138,8 +138,7 @@ class DistillationModel(nn.Module):
             tapped = self.student_tap(self.student, pixel_values)
             logits, stages = tapped.logits, tapped.stages
         else:
-            output = self.student(pixel_values)
-            logits, stages = (output if isinstance(output, torch.Tensor) else output.logits), None
+            logits, stages = logits_of(self.student(pixel_values)), None
         if not needs_loss:
             return DistillationOutput(logits=logits)
         if labels is None:

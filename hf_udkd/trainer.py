@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from accelerate.state import AcceleratorState
+from accelerate.utils import is_compiled_module
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
@@ -60,6 +61,17 @@ def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(ex[key]) for ex in examples]) for key in keys}
 
 
+def _batch_mean(value: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A loss term's mean over the batch. ``nn.DataParallel`` (several GPUs, one process) gathers each replica's
+    mean into a (replicas,) vector; the replicas held the batch's chunks, so their means are weighted by size."""
+    value = value.detach().float()
+    if value.dim() == 0:
+        return value
+    chunk_sizes = [len(chunk) for chunk in torch.arange(batch_size).chunk(value.numel())]
+    weights = torch.tensor(chunk_sizes, dtype=value.dtype, device=value.device)
+    return (value * weights).sum() / batch_size
+
+
 class UDKDTrainer(Trainer):
     r"""
     Trainer for Unified Knowledge Distillation (UniKD, Huang et al., ECCV 2024) of image classifiers.
@@ -109,6 +121,13 @@ class UDKDTrainer(Trainer):
         elif not isinstance(args, UDKDTrainingArguments):
             raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
         student = load_model(model, "student")
+        if is_compiled_module(student):
+            # The Trainer saves, wraps and loads the module it trains: the student's own, not a compiled wrapper.
+            logger.warning(
+                "The student is compiled (torch.compile): UDKDTrainer trains the module it wraps. Pass "
+                "torch_compile=True in UDKDTrainingArguments to compile the whole step (student, heads and loss)."
+            )
+            student = student._orig_mod
         teacher_module = load_model(teacher_model, "teacher") if teacher_model is not None else None
         teacher_folder = checkpoint.source_folder(teacher_module) if teacher_module is not None else None
         checkpoint.refuse_teacher_folder(args.output_dir, teacher_folder)
@@ -324,7 +343,7 @@ class UDKDTrainer(Trainer):
         for name in LOSS_TERMS:
             value = getattr(outputs, name)
             if value is not None:
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * batch_size
+                sums[name] = sums.get(name, 0.0) + _batch_mean(value, batch_size) * batch_size
         sums["count"] = sums.get("count", 0) + batch_size
         if split == "train":
             self._mark_non_finite_steps(outputs)
@@ -497,7 +516,8 @@ class UDKDTrainer(Trainer):
             return
         checkpoint.refuse_teacher_folder(output_dir, self._teacher_folder)
         if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            # Under torch_compile the distiller is compiled: its own state dict has the plain parameter names.
+            state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
         student_state, head_state = checkpoint.split_state(state_dict)
         self._refuse_non_finite_weights(student_state, "student", output_dir)
         if self._saving_checkpoint:
@@ -525,13 +545,15 @@ class UDKDTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        checkpoint.load_student_and_heads(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model))
+        distiller = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        checkpoint.load_student_and_heads(resume_from_checkpoint, distiller)
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_best_model()
         logger.info(f"Loading best model from {self.state.best_model_checkpoint}")
-        checkpoint.load_student_and_heads(self.state.best_model_checkpoint, self.accelerator.unwrap_model(self.model))
+        distiller = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        checkpoint.load_student_and_heads(self.state.best_model_checkpoint, distiller)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)

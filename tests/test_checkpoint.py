@@ -1,4 +1,4 @@
-"""Checkpoint files: nothing non-finite is saved, no save lands in the teacher's folder or keeps another model's
+"""Checkpoint files: the FDP noise states are kept per device, nothing non-finite is saved, no save lands in the teacher's folder or keeps another model's
 files, a crash leaves a complete checkpoint or none, resume takes the latest complete one with the same options,
 and raw timm students are saved in the format the Auto classes and pipeline() load."""
 
@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, build, load_script, resnet_config, vit_config
 from huggingface_hub import metadata_load
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForImageClassification,
     TimmWrapperForImageClassification,
@@ -26,6 +27,7 @@ from transformers import (
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments
 from hf_udkd import checkpoint as ckpt
+from hf_udkd.heads import NoiseSource
 
 KILL_SCRIPT = ROOT / "tests" / "scripts" / "killed_during_checkpoint.py"
 
@@ -305,3 +307,37 @@ def test_source_folder_is_where_a_model_was_loaded_from(tmp_path):
     assert ckpt.source_folder(build(resnet_config([8, 16]), tmp_path / "m")) == os.path.realpath(tmp_path / "m")
     assert ckpt.source_folder(AutoModelForImageClassification.from_config(resnet_config([8, 16]))) is None
     assert ckpt.source_folder(timm.create_model("resnet10t", pretrained=False, num_classes=10)) is None
+
+
+NOISE_MU, NOISE_LOG_VAR = torch.zeros(4, 10), torch.zeros(4, 10)
+
+
+def test_single_device_noise_state_keeps_its_file_format(tmp_path):
+    noise = NoiseSource(seed=3)
+    noise.sample(NOISE_MU, NOISE_LOG_VAR)
+    ckpt.save_noise_state(noise, str(tmp_path), process_index=1)
+    assert set(load_file(tmp_path / ckpt.NOISE_STATE_NAME.format(process=1))) == {"state"}
+    expected = noise.sample(NOISE_MU, NOISE_LOG_VAR)
+    resumed = NoiseSource(seed=3)
+    ckpt.load_noise_state(resumed, str(tmp_path), process_index=1)
+    torch.testing.assert_close(resumed.sample(NOISE_MU, NOISE_LOG_VAR), expected)
+
+
+def test_noise_states_of_several_devices_round_trip(tmp_path):
+    # nn.DataParallel: one process, one generator per GPU.
+    states = {"cuda:0": torch.Generator().manual_seed(1).get_state(),
+              "cuda:1": torch.Generator().manual_seed(2).get_state()}
+    noise = NoiseSource(seed=0)
+    noise.set_states(states)
+    ckpt.save_noise_state(noise, str(tmp_path), process_index=0)
+    assert set(load_file(tmp_path / ckpt.NOISE_STATE_NAME.format(process=0))) == {"state.cuda:0", "state.cuda:1"}
+    resumed = NoiseSource(seed=0)
+    ckpt.load_noise_state(resumed, str(tmp_path), process_index=0)
+    restored = resumed.get_states()
+    assert set(restored) == set(states)
+    assert all(torch.equal(restored[device], state) for device, state in states.items())
+
+
+def test_no_noise_drawn_writes_no_noise_file(tmp_path):
+    ckpt.save_noise_state(NoiseSource(seed=0), str(tmp_path), process_index=0)
+    assert not list(tmp_path.iterdir())

@@ -279,3 +279,21 @@ def test_kl_terms_take_one_softmax_pass_per_temperature(tmp_path, batch, options
     dkd = 4 if options.get("logit_loss") == "dkd" else 0  # DKD's own log-softmaxes and softmaxes
     # One for the cross-entropy, one per temperature for the four KL terms (not two per term).
     assert ops.counts["_log_softmax"] + ops.counts["_softmax"] == 1 + passes + dkd
+
+
+def test_pp_lcnet_student_trains_with_logit_kd_and_predicts(tmp_path, batch):
+    """PP-LCNet puts its logits in last_hidden_state: the untapped path (logit KD, prediction) reads them too."""
+    from transformers import PPLCNetConfig, PPLCNetForImageClassification
+
+    pixel_values, labels = batch
+    torch.manual_seed(0)
+    student = PPLCNetForImageClassification(PPLCNetConfig(num_labels=10)).eval()
+    teacher = Teacher.from_probe(build(resnet_config([16, 32, 64, 128]), tmp_path / "teacher"), pixel_values, None, -1)
+    model = DistillationModel(student, FeatureTap.from_probe(student, pixel_values), teacher.stage,
+                              make_args(tmp_path, use_fdp=False)).eval()
+    t_logits, t_features = teacher.outputs(pixel_values)
+    out = model(pixel_values, labels, t_logits, t_features)
+    expected = student(pixel_values=pixel_values).last_hidden_state
+    torch.testing.assert_close(out.logits, expected)
+    assert torch.isfinite(out.loss) and out.loss_logit > 0
+    torch.testing.assert_close(model(pixel_values).logits, expected)
