@@ -23,7 +23,8 @@ from transformers.utils.hub import PushInProgress, hf_api
 from . import checkpoint, model_card, validation
 from .config import UDKDTrainingArguments
 from .constants import INDEX_KEY, TEACHER_INPUT, VIEW_KEY
-from .modeling import LOSS_TERMS, DistillationModel
+from .loss_terms import LossTermLog
+from .modeling import DistillationModel
 from .taps import FeatureTap
 from .teacher import Teacher, check_same_labels, label_names, load_model, whole_weights
 from .teacher_store import (
@@ -59,17 +60,6 @@ def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
         )
     keys = ["pixel_values"] + ([TEACHER_INPUT] if TEACHER_INPUT in examples[0] else [])
     return {key: torch.stack([torch.as_tensor(ex[key]) for ex in examples]) for key in keys}
-
-
-def _batch_mean(value: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A loss term's mean over the batch. ``nn.DataParallel`` (several GPUs, one process) gathers each replica's
-    mean into a (replicas,) vector; the replicas held the batch's chunks, so their means are weighted by size."""
-    value = value.detach().float()
-    if value.dim() == 0:
-        return value
-    chunk_sizes = [len(chunk) for chunk in torch.arange(batch_size).chunk(value.numel())]
-    weights = torch.tensor(chunk_sizes, dtype=value.dtype, device=value.device)
-    return (value * weights).sum() / batch_size
 
 
 class UDKDTrainer(Trainer):
@@ -175,10 +165,7 @@ class UDKDTrainer(Trainer):
             if teacher is not None else None
         )
         self._teacher_folder = teacher_folder
-        self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
-        # (len(LOSS_TERMS), 2) on the device: first and last global step in which each term was not finite.
-        self._non_finite_steps: torch.Tensor | None = None
-        self._checked_finite = False
+        self.loss_terms = LossTermLog()
         self._saving_checkpoint = False
         self.teacher_cache: TeacherStore | None = None
         self._replay: ReplayDataset | None = None
@@ -329,7 +316,8 @@ class UDKDTrainer(Trainer):
             }
         outputs = model(pixel_values=pixel_values, labels=labels, **extra)
         if outputs.loss is not None:
-            self._accumulate_terms(outputs, pixel_values.shape[0], "train" if model.training else "eval")
+            self.loss_terms.add(outputs, pixel_values.shape[0], "train" if model.training else "eval",
+                                self.state.global_step + 1)
         if return_outputs:
             # Only the logits: the Trainer hands every other output to compute_metrics as predictions.
             return outputs.loss, {"logits": outputs.logits}
@@ -337,91 +325,19 @@ class UDKDTrainer(Trainer):
 
     # ---- logging of the loss terms -------------------------------------------------------------------------
 
-    def _accumulate_terms(self, outputs, batch_size: int, split: str) -> None:
-        """Sum each term on the device; no host sync here, the reduction happens at logging steps only."""
-        sums = self._term_sums.setdefault(split, {})
-        for name in LOSS_TERMS:
-            value = getattr(outputs, name)
-            if value is not None:
-                sums[name] = sums.get(name, 0.0) + _batch_mean(value, batch_size) * batch_size
-        sums["count"] = sums.get("count", 0) + batch_size
-        if split == "train":
-            self._mark_non_finite_steps(outputs)
-            if not self._checked_finite:
-                # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
-                self._checked_finite = True
-                self._raise_if_non_finite_steps()
-
-    def _mark_non_finite_steps(self, outputs) -> None:
-        """Record, on the device (no host sync), the first and last step in which each term was not finite."""
-        device = outputs.loss.device
-        bad = torch.stack([
-            ~torch.isfinite(term.detach()).all() if term is not None else torch.zeros((), dtype=torch.bool, device=device)
-            for term in (getattr(outputs, name) for name in LOSS_TERMS)
-        ])
-        if self._non_finite_steps is None:
-            never = torch.tensor([torch.iinfo(torch.int64).max, -1], device=device)
-            self._non_finite_steps = never.repeat(len(LOSS_TERMS), 1)
-        step = self.state.global_step + 1
-        first, last = self._non_finite_steps.unbind(-1)
-        self._non_finite_steps = torch.stack([torch.where(bad, first.clamp(max=step), first),
-                                              torch.where(bad, step, last)], dim=-1)
-
-    def _raise_if_non_finite_steps(self) -> None:
-        """Raise if a loss term was not finite in any step on any process so far: at logging and before saves."""
-        if self._non_finite_steps is None:
-            return
-        first, last = self._non_finite_steps.unbind(-1)
-        # Negated, the first step reduces by max like the last: one collective. torch.distributed directly, since
-        # accelerate reduces by sum or mean only.
-        extremes = torch.stack([-first, last])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
-        first, last = (-extremes[0]).tolist(), extremes[1].tolist()
-        bad = [f"{name} in step {a}" if a == b else f"{name} in steps {a}-{b}"
-               for name, a, b in zip(LOSS_TERMS, first, last, strict=True) if b >= 0]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite UniKD loss term(s): {', '.join(bad)}. Nothing from these steps is saved: checkpoints "
-                "written before them are untouched. Lower the learning rate, check the inputs, or use bf16 instead "
-                "of fp16; a term going bad alone points at its weight (w_logit, w_feat, w_supp) or at the teacher."
-            )
-
-    @staticmethod
-    def _raise_if_not_finite(values: dict[str, torch.Tensor], when: str) -> None:
-        bad = [name for name, value in values.items() if not torch.isfinite(torch.as_tensor(value)).all()]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite UniKD loss term(s) {bad} in {when}. Check the inputs and the teacher; in training, "
-                "lower the learning rate or use bf16 instead of fp16."
-            )
-
-    def _reduce_terms(self, split: str) -> dict[str, float]:
-        """Mean of each term since the last reduction, over all processes; clears the sums."""
-        sums = self._term_sums.pop(split, None)
-        if not sums:
-            return {}
-        names = [name for name in LOSS_TERMS if name in sums]
-        device = self.args.device
-        local = torch.stack([torch.as_tensor(sums[n], device=device, dtype=torch.float32) for n in names])
-        count = torch.tensor([float(sums["count"])], device=device)
-        total = self.accelerator.reduce(torch.cat([local, count]), reduction="sum")
-        means = {name: total[i] / total[-1] for i, name in enumerate(names)}
-        self._raise_if_not_finite(means, f"the {split} steps up to global step {self.state.global_step}")
-        return {name: round(value.item(), 4) for name, value in means.items()}
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            self._raise_if_non_finite_steps()
-            logs.update(self._reduce_terms("train"))
+            self.loss_terms.raise_if_non_finite()
+            logs.update(self.loss_terms.reduce("train", self.args.device, self.accelerator, self.state.global_step))
         super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        self._term_sums.pop("eval", None)
+        self.loss_terms.clear("eval")
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        for name, value in self._reduce_terms("eval").items():
+        eval_terms = self.loss_terms.reduce("eval", self.args.device, self.accelerator, self.state.global_step)
+        for name, value in eval_terms.items():
             output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
 
@@ -446,7 +362,7 @@ class UDKDTrainer(Trainer):
         """transformers' checkpoint, written in `_incomplete-checkpoint-N` and renamed to `checkpoint-N` once
         complete, so that a crash leaves a complete checkpoint or none. Refused when a loss term or a weight is not
         finite; rotation (`save_total_limit`) never deletes the checkpoint just written or the best one."""
-        self._raise_if_non_finite_steps()
+        self.loss_terms.raise_if_non_finite()
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
@@ -505,7 +421,7 @@ class UDKDTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As [`~transformers.Trainer.save_model`]; refused when a loss term was not finite since training began."""
-        self._raise_if_non_finite_steps()
+        self.loss_terms.raise_if_non_finite()
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

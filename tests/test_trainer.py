@@ -106,7 +106,7 @@ def test_ablations_by_configuration(tmp_path, resnet_teacher, resnet_student, di
         trainer.model.eval()
         with torch.no_grad():
             trainer.compute_loss(trainer.model, batch)
-        return trainer.model, set(trainer._term_sums["eval"]) - {"count"}
+        return trainer.model, set(trainer.loss_terms.sums["eval"]) - {"count"}
 
     kd_model, kd_terms = terms(use_fdp=False)
     assert kd_terms == {"loss_ce", "loss_logit"}
@@ -327,7 +327,8 @@ def test_data_parallel_terms_are_reduced_to_batch_means(tmp_path, resnet_student
     trainer = UDKDTrainer(model=resnet_student, args=make_args(tmp_path), train_dataset=subset(digits[0], 8))
     # A batch of 3 on two replicas: chunks of 2 and 1 examples.
     vector = torch.tensor([1.0, 4.0])
-    trainer._accumulate_terms(DistillationOutput(loss=vector, loss_ce=vector), 3, "train")
+    trainer.loss_terms.add(DistillationOutput(loss=vector, loss_ce=vector), 3, "train", step=1)
     # A batch of 4 on one device: a plain scalar.
-    trainer._accumulate_terms(DistillationOutput(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.5)), 4, "train")
-    assert trainer._reduce_terms("train") == {"loss_ce": round((2 * 1.0 + 4.0 + 4 * 0.5) / 7, 4)}
+    trainer.loss_terms.add(DistillationOutput(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.5)), 4, "train", step=2)
+    means = trainer.loss_terms.reduce("train", trainer.args.device, trainer.accelerator, step=2)
+    assert means == {"loss_ce": round((2 * 1.0 + 4.0 + 4 * 0.5) / 7, 4)}
