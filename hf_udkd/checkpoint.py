@@ -31,7 +31,9 @@ from transformers import (
     TimmWrapperForImageClassification,
     TrainingArguments,
 )
-from transformers.trainer_utils import sort_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, sort_checkpoints
 from transformers.utils import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -137,6 +139,18 @@ def save_student(
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of ``state`` that hold NaN or inf."""
     return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def refuse_non_finite_weights(state: dict[str, torch.Tensor], role: str, step: int, output_dir: str) -> None:
+    """Refuse to save the ``role``'s weights (``state``) when any holds NaN or inf, at global step ``step``."""
+    bad = non_finite(state)
+    if bad:
+        raise FloatingPointError(
+            f"the {role}'s weights hold NaN or inf at step {step} ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}): nothing was saved to {output_dir}, and checkpoints written "
+            "before are untouched. Lower the learning rate or use bf16 instead of fp16, and resume from the "
+            "last checkpoint."
+        )
 
 
 def save_heads(state: dict[str, torch.Tensor], output_dir: str) -> None:
@@ -282,6 +296,18 @@ def _differences(stored: dict, current: dict) -> list[str]:
 # ---- complete checkpoints ------------------------------------------------------------------------------------
 
 
+def folder_for(run_dir: str, step: int) -> str:
+    """The ``checkpoint-N`` folder of global step ``step`` in ``run_dir``, as transformers names it."""
+    return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
+def writes_folders(args: TrainingArguments) -> bool:
+    """Whether this process creates, completes and rotates the checkpoint folders: one per machine. `should_save`
+    alone can hold on every process of a machine (DeepSpeed on CPU, whose processes accelerate counts as one),
+    which would then race to rename the same folder."""
+    return args.should_save and int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def staging_folder(folder: str) -> str:
     """Where ``folder`` (``.../checkpoint-N``) is written before it is complete."""
     parent, name = os.path.split(folder)
@@ -322,6 +348,29 @@ def publish(staging: str, folder: str, options: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, folder)
+
+
+def update_best_checkpoint(state: TrainerState, args: TrainingArguments, run_dir: str, folder: str) -> None:
+    """`state.best_model_checkpoint` under its final name, as `Trainer._save_checkpoint` sets it."""
+    strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+    if args.save_strategy in strategies and state.best_global_step:
+        best = folder_for(run_dir, state.best_global_step)
+        if best == folder or os.path.isdir(best):
+            state.best_model_checkpoint = best
+
+
+def save_trainer_state(state: TrainerState, callbacks: list, output_dir: str) -> None:
+    """`trainer_state.json` with the state of every stateful callback (and the control) in ``callbacks``, as
+    `Trainer._save_checkpoint` writes it."""
+    for callback in callbacks:
+        if not isinstance(callback, ExportableState):
+            continue
+        name, callback_state = type(callback).__name__, callback.state()
+        if isinstance(state.stateful_callbacks[name], list):
+            state.stateful_callbacks[name].append(callback_state)
+        else:
+            state.stateful_callbacks[name] = callback_state
+    state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
 
 
 def read_manifest(folder: str) -> dict | None:
@@ -389,6 +438,16 @@ def check_resumable(folder: str, options: dict) -> None:
             f"cannot resume from {folder}: it was written with other distillation options ({'; '.join(changed)}, "
             "as stored -> as given). Resume with the stored options, or train without resuming."
         )
+
+
+def resume_folder(resume_from_checkpoint: str | bool | None, args: UDKDTrainingArguments) -> str | bool | None:
+    """What `train()` resumes from: `True` becomes the latest complete checkpoint of `output_dir`; a folder is
+    refused before anything is loaded when incomplete or written with other distillation options."""
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = last_complete(args.output_dir)
+    if resume_from_checkpoint:
+        check_resumable(resume_from_checkpoint, distillation_options(args))
+    return resume_from_checkpoint
 
 
 def rotate(run_dir: str, limit: int | None, keep: list[str | None]) -> None:

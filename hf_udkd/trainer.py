@@ -14,9 +14,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
 from transformers.modelcard import extract_hyperparameters_from_trainer
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, HubStrategy, SaveStrategy
+from transformers.trainer_utils import EvalPrediction, HubStrategy, SaveStrategy
 from transformers.utils import logging
 from transformers.utils.hub import PushInProgress, hf_api
 
@@ -352,10 +350,7 @@ class UDKDTrainer(Trainer):
         """As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the latest *complete* checkpoint
         in `output_dir`; an incomplete checkpoint, or one written with other distillation options, is refused
         before anything is loaded."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = checkpoint.last_complete(self.args.output_dir)
-        if resume_from_checkpoint:
-            checkpoint.check_resumable(resume_from_checkpoint, checkpoint.distillation_options(self.args))
+        resume_from_checkpoint = checkpoint.resume_folder(resume_from_checkpoint, self.args)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -366,9 +361,10 @@ class UDKDTrainer(Trainer):
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        folder = checkpoint.folder_for(run_dir, self.state.global_step)
         staging = checkpoint.staging_folder(folder)
-        if self._writes_checkpoint_folders:
+        writes_folders = checkpoint.writes_folders(self.args)
+        if writes_folders:
             checkpoint.prepare_staging(run_dir, staging)
         self.accelerator.wait_for_everyone()
         self._saving_checkpoint = True
@@ -380,44 +376,17 @@ class UDKDTrainer(Trainer):
                 self._save_rng_state(staging)
         finally:
             self._saving_checkpoint = False
-        self._update_best_checkpoint(run_dir, folder)
+        checkpoint.update_best_checkpoint(self.state, self.args, run_dir, folder)
         if self.args.should_save:
-            self._save_trainer_state(staging)
+            checkpoint.save_trainer_state(self.state, self.callback_handler.callbacks + [self.control], staging)
         # Every process has written its files (RNG and noise states) before the folder is declared complete.
         self.accelerator.wait_for_everyone()
-        if self._writes_checkpoint_folders:
+        if writes_folders:
             checkpoint.publish(staging, folder, checkpoint.distillation_options(self.args))
         if self.args.push_to_hub:
             self._push_from_checkpoint(folder)
-        if self._writes_checkpoint_folders:
+        if writes_folders:
             checkpoint.rotate(run_dir, self.args.save_total_limit, [folder, self.state.best_model_checkpoint])
-
-    @property
-    def _writes_checkpoint_folders(self) -> bool:
-        """Whether this process creates, completes and rotates the checkpoint folders: one per machine. `should_save`
-        alone can hold on every process of a machine (DeepSpeed on CPU, whose processes accelerate counts as one),
-        which would then race to rename the same folder."""
-        return self.args.should_save and int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-    def _update_best_checkpoint(self, run_dir: str, folder: str) -> None:
-        """`state.best_model_checkpoint` under its final name, as `Trainer._save_checkpoint` sets it."""
-        strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
-        if self.args.save_strategy in strategies and self.state.best_global_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if best == folder or os.path.isdir(best):
-                self.state.best_model_checkpoint = best
-
-    def _save_trainer_state(self, output_dir: str) -> None:
-        """`trainer_state.json` with the state of every stateful callback, as `Trainer._save_checkpoint` writes it."""
-        for callback in self.callback_handler.callbacks + [self.control]:
-            if not isinstance(callback, ExportableState):
-                continue
-            name, state = type(callback).__name__, callback.state()
-            if isinstance(self.state.stateful_callbacks[name], list):
-                self.state.stateful_callbacks[name].append(state)
-            else:
-                self.state.stateful_callbacks[name] = state
-        self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As [`~transformers.Trainer.save_model`]; refused when a loss term was not finite since training began."""
@@ -435,9 +404,9 @@ class UDKDTrainer(Trainer):
             # Under torch_compile the distiller is compiled: its own state dict has the plain parameter names.
             state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
         student_state, head_state = checkpoint.split_state(state_dict)
-        self._refuse_non_finite_weights(student_state, "student", output_dir)
+        checkpoint.refuse_non_finite_weights(student_state, "student", self.state.global_step, output_dir)
         if self._saving_checkpoint:
-            self._refuse_non_finite_weights(head_state, "UniKD heads", output_dir)
+            checkpoint.refuse_non_finite_weights(head_state, "UniKD heads", self.state.global_step, output_dir)
         os.makedirs(output_dir, exist_ok=True)
         checkpoint.remove_stale_model_files(output_dir)
         labels = label_names(self.teacher_model) if self.teacher_model is not None else None
@@ -447,16 +416,6 @@ class UDKDTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         checkpoint.save_training_args(self.args, output_dir)
-
-    def _refuse_non_finite_weights(self, state: dict[str, torch.Tensor], role: str, output_dir: str) -> None:
-        bad = checkpoint.non_finite(state)
-        if bad:
-            raise FloatingPointError(
-                f"the {role}'s weights hold NaN or inf at step {self.state.global_step} ({', '.join(bad[:5])}"
-                f"{', ...' if len(bad) > 5 else ''}): nothing was saved to {output_dir}, and checkpoints written "
-                "before are untouched. Lower the learning rate or use bf16 instead of fp16, and resume from the "
-                "last checkpoint."
-            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:

@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForImageClassification,
     TimmWrapperForImageClassification,
     TrainerCallback,
+    TrainerState,
     pipeline,
 )
 
@@ -244,6 +245,16 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
     ckpt.rotate(str(tmp_path), 2, [str(tmp_path / "checkpoint-8"), str(tmp_path / "checkpoint-2")])
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-8"]
+
+
+def test_best_checkpoint_is_named_by_its_final_folder(tmp_path):
+    """The best step's folder is recorded once it exists or is the one being written, never its staging name."""
+    args = UDKDTrainingArguments(output_dir=str(tmp_path), save_strategy="steps", report_to="none", use_cpu=True)
+    state = TrainerState(best_global_step=4)
+    ckpt.update_best_checkpoint(state, args, str(tmp_path), ckpt.folder_for(str(tmp_path), 6))
+    assert state.best_model_checkpoint is None
+    ckpt.update_best_checkpoint(state, args, str(tmp_path), ckpt.folder_for(str(tmp_path), 4))
+    assert state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
 
 
 def test_best_model_checkpoint_survives_rotation(tmp_path, resnet_teacher, resnet_student, digits):
