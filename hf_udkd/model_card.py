@@ -1,7 +1,7 @@
 """The published form of a distilled student: its model card, its loss plot and the files pushed to the Hub.
 
-`UDKDTrainer.create_model_card` collects a [`DistillationRecord`] from the trainer; everything here works on
-that record and on plain values, so the card can be built and tested without a trainer.
+[`record_for`] collects a [`DistillationRecord`] from the trainer, for `UDKDTrainer.create_model_card`; everything
+else here works on that record and on plain values, so the card can be built and tested without a trainer.
 
 What a push sends is listed here, file by file, never a folder as it is: [`student_files`] (config, weights,
 image processor, card, plot) at the repository's root, and for ``hub_strategy="checkpoint"`` /
@@ -26,7 +26,8 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, M
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.modelcard import extract_hyperparameters_from_trainer
 from transformers.utils import (
     CONFIG_NAME,
     IMAGE_PROCESSOR_NAME,
@@ -36,7 +37,7 @@ from transformers.utils import (
     logging,
 )
 
-from .checkpoint import TRAINING_ARGS_NAME
+from .checkpoint import TRAINING_ARGS_NAME, is_timm_model
 from .config import UDKDTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -490,3 +491,67 @@ def framework_versions() -> dict[str, str]:
 
     return {"hf_udkd": hf_udkd.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "timm": timm.__version__, "huggingface_hub": huggingface_hub.__version__}
+
+
+def record_for(
+    trainer: Trainer,
+    default_name: str,
+    *,
+    language: str | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | None = None,
+    dataset_split: str | None = None,
+    teacher_name: str | None = None,
+) -> DistillationRecord:
+    """The [`DistillationRecord`] of a `UDKDTrainer` (``trainer``) as it stands; ``default_name`` is the model's
+    name unless ``model_name`` is given. The other arguments are `UDKDTrainer.create_model_card`'s."""
+    for task in [tasks] if isinstance(tasks, str) else tasks or []:
+        if task != PIPELINE_TAG:
+            raise ValueError(f"tasks={tasks!r}: an hf_udkd student is an {PIPELINE_TAG} model")
+    student = trainer.student
+    teacher = trainer.teacher_model
+    dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
+    dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
+    if not dataset_names:
+        # The model-index lists results only under a dataset name.
+        dataset_names = [dataset_name(trainer.eval_dataset if trainer.eval_dataset is not None
+                                      else trainer.train_dataset)]
+    history = trainer.state.log_history
+    return DistillationRecord(
+        model_name=model_name or default_name,
+        repo_id=trainer.hub_model_id or trainer.args.hub_model_id or default_name,
+        student_architecture=type(student).__name__,
+        student_parameters=count_parameters(student),
+        student_origin=finetuned_from or origin(student),
+        # Raw timm students are saved in the format of transformers' TimmWrapper.
+        library_name="transformers" if isinstance(student, PreTrainedModel) or is_timm_model(student) else None,
+        teacher_name=(teacher_name or display_name(teacher)) if teacher is not None else None,
+        teacher_origin=origin(teacher) if teacher is not None else None,
+        teacher_architecture=type(teacher).__name__ if teacher is not None else None,
+        teacher_parameters=count_parameters(teacher) if teacher is not None else None,
+        distillation=distillation_settings(
+            trainer.args,
+            [stage.layer for stage in trainer.accelerator.unwrap_model(trainer.model).student_tap.stages],
+            trainer.teacher.stage.layer if trainer.teacher is not None else None,
+        ),
+        hyperparameters=training_hyperparameters(
+            extract_hyperparameters_from_trainer(trainer), trainer.args, trainer.state.global_step
+        ),
+        student_metrics=last_metrics(history, "eval"),
+        teacher_metrics=last_metrics(history, "teacher_eval"),
+        log_history=history,
+        dataset_tags=dataset_tags,
+        dataset_names=dataset_names,
+        dataset_split=dataset_split,
+        dataset_config=dataset_args,
+        license=license,
+        language=language,
+        extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
+        framework_versions=framework_versions(),
+    )

@@ -13,7 +13,6 @@ from accelerate.utils import is_compiled_module
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
-from transformers.modelcard import extract_hyperparameters_from_trainer
 from transformers.trainer_utils import EvalPrediction, HubStrategy, SaveStrategy
 from transformers.utils import logging
 from transformers.utils.hub import PushInProgress, hf_api
@@ -521,50 +520,10 @@ class UDKDTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        for task in [tasks] if isinstance(tasks, str) else tasks or []:
-            if task != model_card.PIPELINE_TAG:
-                raise ValueError(f"tasks={tasks!r}: an hf_udkd student is an {model_card.PIPELINE_TAG} model")
-        student = self.student
-        teacher = self.teacher_model
-        dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
-        dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
-        if not dataset_names:
-            # The model-index lists results only under a dataset name.
-            dataset_names = [model_card.dataset_name(self.eval_dataset if self.eval_dataset is not None
-                                                     else self.train_dataset)]
-        history = self.state.log_history
-        record = model_card.DistillationRecord(
-            model_name=model_name or self._default_model_name(),
-            repo_id=self.hub_model_id or self.args.hub_model_id or self._default_model_name(),
-            student_architecture=type(student).__name__,
-            student_parameters=model_card.count_parameters(student),
-            student_origin=finetuned_from or model_card.origin(student),
-            # Raw timm students are saved in the format of transformers' TimmWrapper.
-            library_name="transformers" if isinstance(student, PreTrainedModel) or checkpoint.is_timm_model(student)
-            else None,
-            teacher_name=(teacher_name or model_card.display_name(teacher)) if teacher is not None else None,
-            teacher_origin=model_card.origin(teacher) if teacher is not None else None,
-            teacher_architecture=type(teacher).__name__ if teacher is not None else None,
-            teacher_parameters=model_card.count_parameters(teacher) if teacher is not None else None,
-            distillation=model_card.distillation_settings(
-                self.args,
-                [stage.layer for stage in self.accelerator.unwrap_model(self.model).student_tap.stages],
-                self.teacher.stage.layer if self.teacher is not None else None,
-            ),
-            hyperparameters=model_card.training_hyperparameters(
-                extract_hyperparameters_from_trainer(self), self.args, self.state.global_step
-            ),
-            student_metrics=model_card.last_metrics(history, "eval"),
-            teacher_metrics=model_card.last_metrics(history, "teacher_eval"),
-            log_history=history,
-            dataset_tags=dataset_tags,
-            dataset_names=dataset_names,
-            dataset_split=dataset_split,
-            dataset_config=dataset_args,
-            license=license,
-            language=language,
-            extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
-            framework_versions=model_card.framework_versions(),
+        record = model_card.record_for(
+            self, self._default_model_name(), language=language, license=license, tags=tags, model_name=model_name,
+            finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+            dataset_args=dataset_args, dataset_split=dataset_split, teacher_name=teacher_name,
         )
         model_card.write_model_card(record, self.args.output_dir, template_path)
 
