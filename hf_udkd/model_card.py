@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
@@ -493,27 +493,31 @@ def framework_versions() -> dict[str, str]:
             "timm": timm.__version__, "huggingface_hub": huggingface_hub.__version__}
 
 
-def record_for(
-    trainer: Trainer,
-    default_name: str,
-    *,
-    language: str | None = None,
-    license: str | None = None,
-    tags: str | list[str] | None = None,
-    model_name: str | None = None,
-    finetuned_from: str | None = None,
-    tasks: str | list[str] | None = None,
-    dataset_tags: str | list[str] | None = None,
-    dataset: str | list[str] | None = None,
-    dataset_args: str | None = None,
-    dataset_split: str | None = None,
-    teacher_name: str | None = None,
-) -> DistillationRecord:
+class CardOptions(TypedDict, total=False):
+    """What the caller says about the card: the arguments of `UDKDTrainer.create_model_card` but the template."""
+
+    language: str | None
+    license: str | None
+    tags: str | list[str] | None
+    model_name: str | None
+    finetuned_from: str | None
+    tasks: str | list[str] | None
+    dataset_tags: str | list[str] | None
+    dataset: str | list[str] | None
+    dataset_args: str | None
+    dataset_split: str | None
+    teacher_name: str | None
+
+
+def record_for(trainer: Trainer, default_name: str, **options: Unpack[CardOptions]) -> DistillationRecord:
     """The [`DistillationRecord`] of a `UDKDTrainer` (``trainer``) as it stands; ``default_name`` is the model's
-    name unless ``model_name`` is given. The other arguments are `UDKDTrainer.create_model_card`'s."""
+    name unless ``options`` give one."""
+    tasks, tags = options.get("tasks"), options.get("tags")
     for task in [tasks] if isinstance(tasks, str) else tasks or []:
         if task != PIPELINE_TAG:
             raise ValueError(f"tasks={tasks!r}: an hf_udkd student is an {PIPELINE_TAG} model")
+    dataset_tags, dataset = options.get("dataset_tags"), options.get("dataset")
+    teacher_name = options.get("teacher_name")
     student = trainer.student
     teacher = trainer.teacher_model
     dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
@@ -524,11 +528,11 @@ def record_for(
                                       else trainer.train_dataset)]
     history = trainer.state.log_history
     return DistillationRecord(
-        model_name=model_name or default_name,
+        model_name=options.get("model_name") or default_name,
         repo_id=trainer.hub_model_id or trainer.args.hub_model_id or default_name,
         student_architecture=type(student).__name__,
         student_parameters=count_parameters(student),
-        student_origin=finetuned_from or origin(student),
+        student_origin=options.get("finetuned_from") or origin(student),
         # Raw timm students are saved in the format of transformers' TimmWrapper.
         library_name="transformers" if isinstance(student, PreTrainedModel) or is_timm_model(student) else None,
         teacher_name=(teacher_name or display_name(teacher)) if teacher is not None else None,
@@ -548,10 +552,10 @@ def record_for(
         log_history=history,
         dataset_tags=dataset_tags,
         dataset_names=dataset_names,
-        dataset_split=dataset_split,
-        dataset_config=dataset_args,
-        license=license,
-        language=language,
+        dataset_split=options.get("dataset_split"),
+        dataset_config=options.get("dataset_args"),
+        license=options.get("license"),
+        language=options.get("language"),
         extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
         framework_versions=framework_versions(),
     )
