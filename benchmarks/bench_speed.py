@@ -58,8 +58,8 @@ from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfi
 
 import hf_udkd  # noqa: E402
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments  # noqa: E402
+from hf_udkd.constants import INDEX_KEY  # noqa: E402
 from hf_udkd.data import PixelValuesDataset, load_animal_mnist  # noqa: E402
-from hf_udkd.teacher_cache import INDEX_KEY  # noqa: E402
 
 DEFAULT_WIDTH = UDKDTrainingArguments.__dataclass_fields__["aff_channels"].default
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -6,7 +6,8 @@ A ResNet-50-shaped teacher (bottleneck, depths 3-4-6-3, widths 256..2048) and a 
 (basic, 2-2-2-2, 64..512) are built from configs with random weights (throughput does not depend on
 what the weights know; the teacher's BatchNorm statistics are set from a few batches so that its
 activations stay in range in fp16). For each precision (bf16, fp16) and mode (student only, logit KD,
-UniKD with the defaults), the Trainer runs ``--warmup`` steps, then ``--steps`` timed steps
+UniKD with the defaults, UniKD fed by the filled teacher store), eagerly and/or compiled (``--compile eager
+compiled``: ``torch_compile=True``), the Trainer runs ``--warmup`` steps, then ``--steps`` timed steps
 (synchronised); the JSON holds images/s, ms/step, peak GPU memory, the final loss and where the teacher
 sat and in which dtype; ``gpu_check.md`` beside the JSON holds the table. Then the script starts itself
 under ``torchrun --nproc_per_node 1`` once per engine in ``--engines`` (``fsdp``: FSDP2 full_shard;
@@ -46,6 +47,8 @@ MODES = {
     "student_only": {"teacher": False},
     "logit_kd": {"teacher": True, "use_fdp": False},
     "unikd": {"teacher": True},
+    # The teacher store filled before training (precompute_teacher_outputs): steps never run the teacher.
+    "unikd_stored": {"teacher": True, "teacher_cache": True},
 }
 
 
@@ -109,8 +112,8 @@ class StepTimer(TrainerCallback):
             self.end = time.perf_counter()
 
 
-def run_config(precision: str, mode: str, batch_size: int, data: PixelValuesDataset, teacher: torch.nn.Module,
-               cli) -> dict:
+def run_config(precision: str, mode: str, batch_size: int, compiled: bool, data: PixelValuesDataset,
+               teacher: torch.nn.Module, cli) -> dict:
     options = {k: v for k, v in MODES[mode].items() if k != "teacher"}
     timer = StepTimer(cli.warmup, cli.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,6 +134,7 @@ def run_config(precision: str, mode: str, batch_size: int, data: PixelValuesData
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             seed=0,
+            torch_compile=compiled,
             **options,
         )
         if cli.device == "cuda":
@@ -142,12 +146,15 @@ def run_config(precision: str, mode: str, batch_size: int, data: PixelValuesData
             train_dataset=data,
             callbacks=[timer],
         )
+        if args.teacher_cache:
+            trainer.precompute_teacher_outputs()
         output = trainer.train()
     elapsed = timer.end - timer.start
     result = {
         "precision": precision,
         "mode": mode,
         "batch_size": batch_size,
+        "compiled": compiled,
         "images_per_s": round(cli.steps * batch_size / elapsed, 1),
         "ms_per_step": round(1000 * elapsed / cli.steps, 2),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cli.device == "cuda" else None,
@@ -283,17 +290,25 @@ def markdown(report: dict) -> str:
         + ("already on the GPU." if report["data_on_device"] else "from a DataLoader (host memory, pinned)."),
         f"Teacher: {report['teacher']}; student: {report['student']}.",
         "",
-        "| precision | batch | mode | images/s | ms/step | vs student | vs logit KD | peak GiB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| precision | batch | compiled | mode | images/s | ms/step | vs student | vs logit KD | vs eager | peak GiB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     runs = report["runs"]
+
+    def ratio(run: dict, **other) -> str:
+        key = {"precision": run["precision"], "batch_size": run["batch_size"], "compiled": run["compiled"],
+               "mode": run["mode"], **other}
+        base = next((r for r in runs if all(r[k] == v for k, v in key.items())), None)
+        return "" if base is None or base is run else f"{run['ms_per_step'] / base['ms_per_step']:.2f}x"
+
+    def vs_student(run: dict) -> str:
+        return "1.00x" if run["mode"] == "student_only" else ratio(run, mode="student_only")
+
     for run in runs:
-        same = {r["mode"]: r for r in runs if (r["precision"], r["batch_size"]) == (run["precision"], run["batch_size"])}
-        vs_student = run["ms_per_step"] / same["student_only"]["ms_per_step"]
-        vs_kd = "" if run["mode"] == "student_only" else f"{run['ms_per_step'] / same['logit_kd']['ms_per_step']:.2f}x"
         lines.append(
-            f"| {run['precision']} | {run['batch_size']} | {run['mode']} | {run['images_per_s']:,.0f} | "
-            f"{run['ms_per_step']:.1f} | {vs_student:.2f}x | {vs_kd} | {run['peak_memory_gib']} |"
+            f"| {run['precision']} | {run['batch_size']} | {'yes' if run['compiled'] else 'no'} | {run['mode']} | "
+            f"{run['images_per_s']:,.0f} | {run['ms_per_step']:.1f} | {vs_student(run)} | "
+            f"{ratio(run, mode='logit_kd')} | {ratio(run, compiled=False)} | {run['peak_memory_gib']} |"
         )
     for engine in report.get("engines", []):
         shown = {k: v for k, v in engine.items() if k not in ("engine", "stderr_tail", "stderr_frames")}
@@ -316,6 +331,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="keep the image pool on the GPU: times the training step without the DataLoader's "
                              "collation and the host-to-device copy")
     parser.add_argument("--precisions", nargs="*", default=["bf16", "fp16"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--compile", nargs="*", default=["eager"], choices=["eager", "compiled"],
+                        help="run each configuration eagerly and/or with torch_compile=True (student, heads and "
+                             "teacher compiled)")
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--engine-timeout", type=int, default=240, help="seconds for each engine's run")
     parser.add_argument("--engine-worker", choices=list(ENGINES), help=argparse.SUPPRESS)
@@ -351,10 +370,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for precision in cli.precisions:
         for batch_size in cli.batch_sizes:
-            for mode in MODES:
-                result = run_config(precision, mode, batch_size, data, teacher, cli)
-                print(json.dumps(result), flush=True)
-                report["runs"].append(result)
+            for compiled in [mode == "compiled" for mode in cli.compile]:
+                for mode in cli.modes:
+                    result = run_config(precision, mode, batch_size, compiled, data, teacher, cli)
+                    print(json.dumps(result), flush=True)
+                    report["runs"].append(result)
     report["engines"] = []
     for engine in cli.engines:
         if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:

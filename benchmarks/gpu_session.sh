@@ -2,6 +2,8 @@
 # One prepared session on a lent GPU machine (no network there). Runs the parts asked for, in order, within
 # a time budget, and leaves everything in one archive:
 #   check  benchmarks/gpu_check.py: bf16/fp16 images/s at 224x224, FSDP2 and DeepSpeed ZeRO-3 runs
+#   step   the step cost of issue "GPU step cost": student / KD / UniKD / store-fed UniKD at batch 64 and 256,
+#          images on the GPU, bf16 and fp16 eager, then bf16 eager against compiled (about 7 minutes on an H200)
 #   bench  benchmarks/bench_speed.py in bf16 (the README's speed table on CUDA)
 #   study  benchmarks/accuracy_study.py, as many runs as the time left allows
 #
@@ -41,6 +43,12 @@ for part in $parts; do
     check)
       timeout $(( $(left) - 20 )) python3 benchmarks/gpu_check.py "$work/gpu_check.json" --workers $workers \
         --warmup 8 --steps 20 --engine-timeout 150 > "$work/gpu_check.log" 2>&1 ;;
+    step)
+      timeout $(( $(left) - 20 )) python3 benchmarks/gpu_check.py "$work/gpu_step_eager.json" --data-on-device \
+        --batch-sizes 64 256 --precisions bf16 fp16 --engines --warmup 8 --steps 20 > "$work/gpu_step.log" 2>&1
+      timeout $(( $(left) - 20 )) python3 benchmarks/gpu_check.py "$work/gpu_step_compiled.json" --data-on-device \
+        --batch-sizes 64 256 --precisions bf16 --compile eager compiled --engines --warmup 8 --steps 20 \
+        >> "$work/gpu_step.log" 2>&1 ;;
     bench)
       timeout 120 python3 benchmarks/bench_speed.py --device cuda --bf16 --output-dir "$work/bench" \
         > "$work/bench.log" 2>&1 ;;
@@ -58,5 +66,5 @@ done
 echo "done $(left)s left" >> "$work/env.txt"
 tar --exclude='*.safetensors' --exclude='hf_home' -czf "$out/gpu_results.tgz" -C "$work" .
 cp "$work/env.txt" "$out/env.txt"
-for f in gpu_check.json gpu_check.md gpu_check.log; do [ -f "$work/$f" ] && cp "$work/$f" "$out/$f"; done
+for f in gpu_check.json gpu_check.md gpu_check.log gpu_step_eager.md gpu_step_compiled.md gpu_step.log; do [ -f "$work/$f" ] && cp "$work/$f" "$out/$f"; done
 true

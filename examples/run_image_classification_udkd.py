@@ -44,6 +44,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from accelerate import PartialState
 from datasets import ClassLabel, DatasetDict, concatenate_datasets, load_dataset
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from transformers import (
@@ -58,7 +59,8 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments, whole_model_loading
-from hf_udkd.data import UNLABELLED, load_animal_mnist
+from hf_udkd.constants import IGNORE_INDEX
+from hf_udkd.data import load_animal_mnist
 from hf_udkd.image_processing import ImageClassificationTransform, collate_image_classification
 from hf_udkd.metrics import load_accuracy
 from hf_udkd.model_card import count_parameters
@@ -115,7 +117,7 @@ class DataTrainingArguments:
     )
     unlabeled_dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Like --unlabeled_dir, from a dataset of the Hub or a local directory (its labels ignored)."},
+        metadata={"help": "Like --unlabeled_dir, from a Hub dataset or a local directory (its labels ignored)."},
     )
     unlabeled_split: str = field(
         default="train", metadata={"help": "The split of --unlabeled_dataset_name to use."}
@@ -397,7 +399,7 @@ def load_unlabeled_images(
     if column != data_args.image_column_name:
         images = images.rename_column(column, data_args.image_column_name)
     images = images.cast_column(data_args.image_column_name, datasets.Image(decode=False))
-    return images.add_column(data_args.label_column_name, [UNLABELLED] * len(images), feature=label_feature)
+    return images.add_column(data_args.label_column_name, [IGNORE_INDEX] * len(images), feature=label_feature)
 
 
 def with_class_labels(dataset: DatasetDict, label: str) -> DatasetDict:
@@ -541,8 +543,8 @@ def train_or_load_teacher(
     Returns the teacher and the directory it lives in: `--teacher_output_dir`, by default `<output_dir>-teacher`,
     outside `output_dir` so that no push from there carries the teacher.
     """
-    teacher_dir = model_args.teacher_output_dir or os.path.normpath(training_args.output_dir) + "-teacher"
     output_dir = os.path.abspath(training_args.output_dir)
+    teacher_dir = model_args.teacher_output_dir or output_dir + "-teacher"
     if os.path.commonpath([output_dir, os.path.abspath(teacher_dir)]) == output_dir:
         raise ValueError(
             f"--teacher_output_dir {teacher_dir} is inside --output_dir {training_args.output_dir}, whose files "
@@ -581,37 +583,18 @@ def train_or_load_teacher(
         return AutoModelForImageClassification.from_pretrained(teacher_dir), teacher_dir
 
 
-def main(argv: list[str] | None = None) -> RunSummary:
-    start = time.time()
-    model_args, data_args, training_args = parse_arguments(argv)
+def build_trainer(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: UDKDTrainingArguments
+) -> tuple[UDKDTrainer, str]:
+    """The UDKDTrainer of `main()` and of `python -m hf_udkd.precompute`, and the teacher's directory (or name).
 
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        # The default of training_args.log_level is passive, so info level here.
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.warning(
-        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
-        f"n_gpu: {training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}"
-    )
-
+    Data (the `train` split when `do_train`, with any unlabelled images; `validation` when `do_eval`), student,
+    transforms, teacher (named, else the built-in one, trained here first or reused), trainer. One function for
+    both, so that the training set and teacher that precompute stores outputs for are those a training run
+    reads (another would not match the store's fingerprint and be refused).
+    """
     # The transforms read the image column, which the Trainer would otherwise drop as unused by the model.
     training_args.remove_unused_columns = False
-
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
 
     transformers.set_seed(training_args.seed)
     dataset = load_image_dataset(data_args, model_args, training_args.seed)
@@ -621,7 +604,8 @@ def main(argv: list[str] | None = None) -> RunSummary:
 
     if training_args.do_train:
         if "train" not in dataset:
-            raise ValueError("--do_train requires a train dataset")
+            raise ValueError("training needs a train split and the data set has none: pass --train_dir, or "
+                             "a --dataset_name with a train split")
         if data_args.max_train_samples is not None:
             dataset["train"] = (
                 dataset["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
@@ -671,7 +655,8 @@ def main(argv: list[str] | None = None) -> RunSummary:
         # After the built-in teacher, which learns from the labelled images only.
         columns = [data_args.image_column_name, data_args.label_column_name]
         dataset["train"] = concatenate_datasets([dataset["train"].select_columns(columns), unlabeled])
-        logger.info(f"Training on {len(dataset['train']) - len(unlabeled)} labelled and {len(unlabeled)} unlabelled images")
+        n_labelled = len(dataset["train"]) - len(unlabeled)
+        logger.info(f"Training on {n_labelled} labelled and {len(unlabeled)} unlabelled images")
 
     trainer = UDKDTrainer(
         model=student,
@@ -679,10 +664,43 @@ def main(argv: list[str] | None = None) -> RunSummary:
         args=training_args,
         train_dataset=dataset["train"].with_transform(train_transform) if training_args.do_train else None,
         eval_dataset=dataset["validation"].with_transform(eval_transform) if training_args.do_eval else None,
-        compute_metrics=compute_metrics_fn(),
+        compute_metrics=compute_metrics_fn() if training_args.do_eval else None,
         processing_class=image_processor,
         data_collator=collate_image_classification,
     )
+    return trainer, teacher_dir
+
+
+def main(argv: list[str] | None = None) -> RunSummary:
+    start = time.time()
+    model_args, data_args, training_args = parse_arguments(argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default of training_args.log_level is passive, so info level here.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
+        f"n_gpu: {training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}"
+    )
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
+
+    trainer, teacher_dir = build_trainer(model_args, data_args, training_args)
 
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
@@ -721,7 +739,7 @@ def main(argv: list[str] | None = None) -> RunSummary:
         teacher_dir=teacher_dir,
         teacher_accuracy=teacher_accuracy,
         student_accuracy=student_accuracy,
-        teacher_parameters=count_parameters(teacher),
+        teacher_parameters=count_parameters(trainer.teacher.module),
         student_parameters=count_parameters(trainer.student),
         seconds=time.time() - start,
         trainer=trainer,
@@ -733,3 +751,7 @@ def main(argv: list[str] | None = None) -> RunSummary:
 
 if __name__ == "__main__":
     main()
+    # Each process waits for the others' last writes, then leaves the process group, as accelerate ends a script:
+    # one that exits with the group still open while another writes can abort at exit.
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()

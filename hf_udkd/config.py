@@ -82,12 +82,18 @@ class UDKDTrainingArguments(TrainingArguments):
             The teacher's dtype: `"auto"` (bfloat16/float16 when `bf16`/`fp16` is set, else as loaded),
             `"float32"`, `"bfloat16"` or `"float16"`.
         teacher_cache (`bool`, *optional*, defaults to `False`):
-            Store the teacher's outputs (logits and pooled tap, `examples x (C_T + K)` float32 numbers) the first
-            time each training example is seen and skip the teacher afterwards. Only valid with a deterministic
-            training transform (checked at start). Evaluation always runs the teacher.
+            Store the teacher's outputs (logits and pooled tap) per training example and view, and skip the teacher
+            for what is stored. Views replay the training transform (random augmentation included) from seeds, so
+            that epoch `e` shows view `e mod teacher_cache_views`; a transform or collator that cannot replay is
+            refused at start. Size: examples x views x (K + C_T) numbers. Evaluation always runs the teacher.
+        teacher_cache_views (`int`, *optional*, defaults to `1`):
+            V, the number of distinct augmented views of each example (1 for a deterministic transform).
+        teacher_cache_dtype (`str`, *optional*, defaults to `"float32"`):
+            What the store holds its numbers in: `"float32"` (a store-fed run gives the losses of the run that
+            filled it) or `"float16"` (half the size).
         teacher_cache_dir (`str`, *optional*):
-            Where the teacher cache lives: `None` in memory, else memory-mapped files in this directory (one
-            subdirectory per process, rewritten at every start).
+            Where the teacher store lives: `None` in memory, else safetensors shards (one per process) and a
+            fingerprint in this directory, reused by later runs with the same teacher, data, transform and views.
     """
 
     temperature: float = field(default=4.0, metadata={"help": "Softmax temperature T of every KL term."})
@@ -155,10 +161,17 @@ class UDKDTrainingArguments(TrainingArguments):
     )
     teacher_cache: bool = field(
         default=False,
-        metadata={"help": "Cache the teacher's outputs per training example (deterministic transforms only)."},
+        metadata={"help": "Store the teacher's outputs per training example and view; skip the teacher for them."},
+    )
+    teacher_cache_views: int = field(
+        default=1, metadata={"help": "Distinct augmented views per example in the teacher store (epoch mod V)."}
+    )
+    teacher_cache_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the teacher store.", "choices": ["float32", "float16"]},
     )
     teacher_cache_dir: str | None = field(
-        default=None, metadata={"help": "Directory of the teacher cache; None keeps it in memory."}
+        default=None, metadata={"help": "Directory of the teacher store (safetensors shards); None keeps it in memory."}
     )
     # The heads are used in every step, so DDP need not search for unused parameters (it is slow).
     ddp_find_unused_parameters: bool | None = field(
@@ -198,6 +211,10 @@ class UDKDTrainingArguments(TrainingArguments):
             raise ValueError(f"aff_init={self.aff_init!r}: use 'default' or 'kaiming'")
         if self.aff_channels < 1:
             raise ValueError(f"aff_channels must be at least 1, got {self.aff_channels}")
+        if self.teacher_cache_views < 1:
+            raise ValueError(f"teacher_cache_views must be at least 1, got {self.teacher_cache_views}")
+        if self.teacher_cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"teacher_cache_dtype={self.teacher_cache_dtype!r}: use 'float32' or 'float16'")
         if self.teacher_cache_dir is not None and not self.teacher_cache:
             raise ValueError("teacher_cache_dir is set but teacher_cache is False: set teacher_cache=True to use it")
         launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -9,7 +9,7 @@ Both return splits ``train`` and ``validation`` with columns ``image`` (PIL, mod
 random split, deterministic in ``split_seed``. Identical images with the same label (Animal-MNIST holds
 284 such pairs) always land in the same split, so validation accuracy is not inflated by memorised copies.
 With ``labels_per_class`` and ``unlabelled=True``, the training images left out of the labelled subset stay in
-``train`` with the label :data:`UNLABELLED` (-100, the ignore index of cross-entropy): the semi-supervised
+``train`` with the label ``IGNORE_INDEX`` (-100, the ignore index of cross-entropy): the semi-supervised
 setting, where the teacher alone supervises those images.
 """
 
@@ -24,12 +24,11 @@ import PIL.Image
 import torch
 from transformers.utils import logging
 
+from .constants import IGNORE_INDEX
+
 logger = logging.get_logger(__name__)
 
-__all__ = ["UNLABELLED", "PixelValuesDataset", "load_animal_mnist", "load_digits_dataset"]
-
-# The label of an image without one: cross-entropy's ignore index, so the CE term skips it.
-UNLABELLED = -100
+__all__ = ["PixelValuesDataset", "load_animal_mnist", "load_digits_dataset"]
 
 
 def load_animal_mnist(
@@ -51,7 +50,7 @@ def load_animal_mnist(
         labels_per_class: if set, keep only this many distinct training images per class (low-label
             settings). For one seed the subsets are nested: the 10-per-class set is part of the 50 one.
         unlabelled: with ``labels_per_class``, keep the rest of the training split in ``train`` as well,
-            labelled :data:`UNLABELLED` (-100). Copies of a labelled image are left out of that rest, so no
+            labelled ``IGNORE_INDEX`` (-100). Copies of a labelled image are left out of that rest, so no
             unlabelled image is also a labelled one. ``validation`` is the same either way.
 
     Returns:
@@ -126,7 +125,7 @@ def _build(
         if unlabelled:
             # Copies of a labelled image stay out of the rest: no image is both labelled and unlabelled.
             rest = train_idx[~np.isin(groups[train_idx], groups[labelled_idx])]
-            train_labels[rest] = UNLABELLED
+            train_labels[rest] = IGNORE_INDEX
             train_idx = np.sort(np.concatenate([labelled_idx, rest]))
         else:
             train_idx = labelled_idx
@@ -136,7 +135,7 @@ def _build(
             "validation": _dataset(images, labels, val_idx, names),
         }
     )
-    n_unlabelled = int((train_labels[train_idx] == UNLABELLED).sum())
+    n_unlabelled = int((train_labels[train_idx] == IGNORE_INDEX).sum())
     logger.info(
         f"{what}: {len(train_idx)} train ({n_unlabelled} unlabelled) / {len(val_idx)} validation images "
         f"(split_seed={split_seed})"

@@ -100,38 +100,57 @@ class FeatureDistributionHead(nn.Module):
 
 
 class NoiseSource:
-    """The generator of FDP's reparameterisation noise, private to the distiller.
+    """The generators of FDP's reparameterisation noise, private to the distiller: one per device.
 
-    Each process seeds it differently (so ranks draw different noise), and its state is saved in
-    checkpoints so that a resumed run draws exactly the noise the uninterrupted run would have.
+    Each process seeds them differently (so ranks draw different noise), and under ``nn.DataParallel`` each
+    replica's device has its own generator, seeded apart by the device index, so that replicas neither share
+    draws nor restart a shared generator when the device changes. Their states are saved in checkpoints so
+    that a resumed run draws exactly the noise the uninterrupted run would have.
     """
+
+    # Seeds of two devices of one process lie this far apart, beyond any process offset (seed + rank).
+    DEVICE_SEED_STRIDE = 1 << 20
+    # The key of a single restored state (a single-device run): it restores the first device used, whichever.
+    FIRST_DEVICE = "first"
 
     def __init__(self, seed: int = 0):
         self.seed = seed
-        self._generator: torch.Generator | None = None
-        self._pending_state: torch.Tensor | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._pending: dict[str, torch.Tensor] = {}
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-            if self._pending_state is not None:
-                self._generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self._generator
+        generator = self._generators.get(device)
+        if generator is not None:
+            return generator
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed + self.DEVICE_SEED_STRIDE * (device.index or 0))
+        state = self._pending.pop(str(device), None)
+        if state is None and not self._generators:
+            state = self._pending.pop(self.FIRST_DEVICE, None)
+        if state is not None:
+            generator.set_state(state)
+        # nn.DataParallel's replicas run in threads, one per device: each sets its own key.
+        self._generators[device] = generator
+        return generator
+
+    # torch.Generator cannot be traced: under torch.compile the draw runs eagerly, the rest stays compiled.
+    @torch.compiler.disable
+    def _normal(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self._generator_for(like.device), device=like.device,
+                           dtype=like.dtype)
 
     def sample(self, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
         """``z = mu + exp(log_var / 2) * eps`` with ``eps ~ N(0, I)``."""
-        eps = torch.randn(mu.shape, generator=self._generator_for(mu.device), device=mu.device, dtype=mu.dtype)
-        return mu + torch.exp(0.5 * log_var) * eps
+        return mu + torch.exp(0.5 * log_var) * self._normal(mu)
 
-    def get_state(self) -> torch.Tensor | None:
-        """The generator state (a uint8 tensor), or the restored one not yet used."""
-        if self._generator is None:
-            return self._pending_state
-        return self._generator.get_state()
+    def get_states(self) -> dict[str, torch.Tensor]:
+        """Each device's generator state (uint8 tensors), keyed by device name; restored ones not yet used too."""
+        states = dict(self._pending)
+        states.update({str(device): generator.get_state() for device, generator in self._generators.items()})
+        return states
 
-    def set_state(self, state: torch.Tensor) -> None:
-        """Restore a state; applied to the generator on its next use, on whatever device that is."""
-        self._generator = None
-        self._pending_state = state
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore states, each applied to its device's generator on its next use. A single state restores the
+        first device used, so a run resumes on another device than the one it was saved on."""
+        self._generators = {}
+        self._pending = {self.FIRST_DEVICE: next(iter(states.values()))} if len(states) == 1 else dict(states)

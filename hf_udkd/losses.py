@@ -11,8 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# The label of an unlabelled example (transformers' convention): it gets the distillation terms only.
-IGNORE_INDEX = -100
+from .constants import IGNORE_INDEX
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -54,8 +53,9 @@ def kd_terms(
         # (2N, B, K): the N pulled sides, then the N targets.
         both = torch.stack([pairs[i][0] for i in members] + [pairs[i][1] for i in members])
         log_pulled, log_target = F.log_softmax(_prepare(both, temperature, standardized), dim=-1).chunk(2)
-        # KL(target || pulled) summed over K, averaged over B: F.kl_div's "batchmean" with log_target.
-        values = (log_target.exp() * (log_target - log_pulled)).sum(-1).mean(-1) * temperature**2
+        # KL(target || pulled) summed over K, averaged over B (F.kl_div's "batchmean"), times T^2: one reduction.
+        scale = temperature**2 / both.shape[1]
+        values = (log_target.exp() * (log_target - log_pulled)).sum(dim=(-2, -1)) * scale
         for i, value in zip(members, values.unbind(), strict=True):
             terms[i] = value
     return terms

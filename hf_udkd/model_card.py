@@ -1,7 +1,11 @@
 """The published form of a distilled student: its model card, its loss plot and the files pushed to the Hub.
 
-`UDKDTrainer.create_model_card` collects a [`DistillationRecord`] from the trainer; everything here works on
-that record and on plain values, so the card can be built and tested without a trainer.
+[`record_for`] collects a [`DistillationRecord`] from the trainer, for `UDKDTrainer.create_model_card`; everything
+else here works on that record and on plain values, so the card can be built and tested without a trainer.
+
+What a push sends is listed here, file by file, never a folder as it is: [`student_files`] (config, weights,
+image processor, card, plot) at the repository's root, and for ``hub_strategy="checkpoint"`` /
+``"all_checkpoints"`` the [`checkpoint_files`] that resuming needs. [`commit_files`] commits exactly such a list.
 
 The card is rendered with `huggingface_hub.ModelCard.from_template` from `model_card_template.md`, shipped in
 this package (the copy under `model_cards/` in the repository is the same file, checked by the tests).
@@ -11,25 +15,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.modelcard import extract_hyperparameters_from_trainer
 from transformers.utils import (
     CONFIG_NAME,
     IMAGE_PROCESSOR_NAME,
     PROCESSOR_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
+    logging,
 )
 
+from .checkpoint import TRAINING_ARGS_NAME, is_timm_model
 from .config import UDKDTrainingArguments
+
+logger = logging.get_logger(__name__)
 
 TEMPLATE_NAME = "model_card_template.md"
 CARD_NAME = "README.md"
@@ -43,14 +54,27 @@ _NOT_METRICS = (
 )
 # Train-log keys drawn in the plot, total loss first.
 PLOTTED_TERMS = ("loss", "loss_ce", "loss_logit", "loss_feat", "loss_supp")
+# The model-index needs a dataset name to list results; this one stands for data that has none.
+DEFAULT_DATASET_NAME = "custom"
+# Builders of `datasets` that read local files: their name says nothing about the data (as in transformers).
+_FILE_BUILDERS = ("arrow", "audiofolder", "csv", "generator", "imagefolder", "json", "pandas", "parquet", "text",
+                  "webdataset")
+# A snapshot in the Hub cache: .../models--{org}--{name}/snapshots/{commit}[/...].
+_HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[0-9a-f]{40}(?:/|$)")
 
 
 def hub_id(name_or_path: str | None) -> str | None:
-    """``name_or_path`` if it names a Hub repository (``org/name``), None for a local path or an empty name.
+    """The Hub repository that ``name_or_path`` names (``org/name``, or a snapshot of it in the Hub cache, as
+    ``from_pretrained(snapshot_download(...))`` leaves it), None for another local path or an empty name.
 
     A directory that exists locally is local even when it looks like an id: from_pretrained reads it first.
     """
-    if not name_or_path or os.path.exists(name_or_path):
+    if not name_or_path:
+        return None
+    snapshot = _HUB_CACHE_SNAPSHOT.search(Path(name_or_path).as_posix())
+    if snapshot is not None:
+        return snapshot["repo"].replace("--", "/")
+    if os.path.exists(name_or_path):
         return None
     try:
         validate_repo_id(name_or_path)
@@ -98,6 +122,16 @@ def quality_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return out
 
 
+def dataset_name(dataset: Any) -> str:
+    """A name for the model-index: a `datasets.Dataset`'s own name or builder (not a file reader such as
+    ``parquet``), else [`DEFAULT_DATASET_NAME`]."""
+    info = getattr(dataset, "info", None)
+    for name in (getattr(info, "dataset_name", None), getattr(info, "builder_name", None)):
+        if name and name not in _FILE_BUILDERS:
+            return str(name)
+    return DEFAULT_DATASET_NAME
+
+
 def last_metrics(log_history: list[dict[str, Any]], prefix: str) -> dict[str, float]:
     """The quality metrics of the latest logged evaluation with ``prefix`` (``eval``, ``teacher_eval``)."""
     for entry in reversed(log_history):
@@ -114,6 +148,7 @@ class DistillationRecord:
     Attributes:
         model_name: the student's name (the Hub repository's name).
         repo_id: the repository the student is pushed to, for the loading snippet.
+        library_name: the library that loads the student (``transformers``), None when none does as such.
         student_architecture / teacher_architecture: class names.
         student_origin: the student's starting checkpoint if it is a Hub id (becomes ``base_model``).
         teacher_name: the teacher's public name (Hub id or local directory name); None without a teacher.
@@ -134,6 +169,7 @@ class DistillationRecord:
     student_architecture: str
     student_parameters: int
     student_origin: str | None = None
+    library_name: str | None = None
     teacher_name: str | None = None
     teacher_origin: str | None = None
     teacher_architecture: str | None = None
@@ -222,7 +258,7 @@ def _card_data(record: DistillationRecord) -> ModelCardData:
         }
         teacher = {key: value for key, value in teacher.items() if value is not None}
     return ModelCardData(
-        library_name="hf_udkd",
+        library_name=record.library_name,
         pipeline_tag=PIPELINE_TAG,
         tags=TAGS + record.extra_tags,
         license=record.license,
@@ -239,11 +275,12 @@ def _card_data(record: DistillationRecord) -> ModelCardData:
 
 
 def _format(value: Any) -> str:
+    """One table cell: short floats, lists joined, no line break."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
-    return str(value)
+    return " ".join(str(value).split())
 
 
 def _results_rows(record: DistillationRecord) -> list[dict[str, str]]:
@@ -310,16 +347,93 @@ def write_model_card(
     return card
 
 
-def student_files(output_dir: str | os.PathLike) -> list[str]:
-    """The files that make the published student, relative to ``output_dir``: weights (shards included),
-    config, image processor, card and plot. Never the UniKD heads, checkpoints, training arguments or logs."""
-    names = [CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME,
-             CARD_NAME, PLOT_NAME]
-    index = os.path.join(output_dir, SAFE_WEIGHTS_INDEX_NAME)
+def model_files(folder: str | os.PathLike) -> list[str]:
+    """The student's config, weights (shards included) and image processor in ``folder``, relative to it."""
+    names = [CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME]
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             names += sorted(set(json.load(f)["weight_map"].values()))
-    return [name for name in names if os.path.isfile(os.path.join(output_dir, name))]
+    return [name for name in names if os.path.isfile(os.path.join(folder, name))]
+
+
+def card_files(folder: str | os.PathLike) -> list[str]:
+    """The card and the loss plot in ``folder``."""
+    return [name for name in (CARD_NAME, PLOT_NAME) if os.path.isfile(os.path.join(folder, name))]
+
+
+def student_files(output_dir: str | os.PathLike) -> list[str]:
+    """The files that make the published student, relative to ``output_dir``: weights (shards included),
+    config, image processor, card and plot. Never the UniKD heads, checkpoints, training arguments or logs."""
+    return model_files(output_dir) + card_files(output_dir)
+
+
+def checkpoint_files(checkpoint: str | os.PathLike) -> list[str]:
+    """Every file of ``checkpoint`` that resuming reads (subfolders such as DeepSpeed's included), relative to
+    it: all but ``training_args.bin``, which the Trainer writes for people and never reads back."""
+    root = Path(checkpoint)
+    return sorted(
+        path.relative_to(root).as_posix()
+        for path in root.rglob("*")
+        if path.is_file() and path.name != TRAINING_ARGS_NAME
+    )
+
+
+def training_push_files(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, checkpoint_in_repo: str | None
+) -> dict[str, str | bytes]:
+    """What a push during training sends (path in the repository -> local path or contents): the student's
+    config, weights and image processor from ``checkpoint`` and the card and plot of ``output_dir`` at the root,
+    and with ``checkpoint_in_repo`` the [`checkpoint_files`] in that folder."""
+    files: dict[str, str | bytes] = {name: os.path.join(checkpoint, name) for name in model_files(checkpoint)}
+    # The next save rewrites the card and plot in place, perhaps while this push runs: send their contents.
+    files.update({name: Path(output_dir, name).read_bytes() for name in card_files(output_dir)})
+    if checkpoint_in_repo is not None:
+        files.update({f"{checkpoint_in_repo}/{name}": os.path.join(checkpoint, name)
+                      for name in checkpoint_files(checkpoint)})
+    return files
+
+
+def commit_files(
+    api: HfApi,
+    repo_id: str,
+    files: dict[str, str | bytes],
+    commit_message: str,
+    token: str | None,
+    revision: str | None,
+    blocking: bool,
+) -> CommitInfo | Future:
+    """Commit exactly ``files`` (path in the repository -> local path or contents) to ``repo_id``.
+
+    Local files are opened here, before a background commit starts: a checkpoint that is rotated away (deleted)
+    meanwhile is still read whole. Files that are rewritten in place, like the card, are passed as contents.
+    """
+    handles = {name: open(value, "rb") if isinstance(value, str) else value for name, value in files.items()}
+
+    def commit() -> CommitInfo:
+        try:
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=value)
+                          for name, value in handles.items()]
+            return api.create_commit(repo_id, operations, commit_message=commit_message, token=token,
+                                     revision=revision)
+        finally:
+            for value in handles.values():
+                if not isinstance(value, bytes):
+                    value.close()
+
+    if blocking:
+        return commit()
+    job = api.run_as_future(commit)
+    job.add_done_callback(_warn_if_failed)
+    return job
+
+
+def _warn_if_failed(job: Future) -> None:
+    """A background push that fails does not stop training; say so, since nobody waits for its result."""
+    error = job.exception() if not job.cancelled() else None
+    if error is not None:
+        logger.warning(f"A push to the Hub during training failed ({type(error).__name__}: {error}); training "
+                       "goes on, and the next save or trainer.push_to_hub() pushes again.")
 
 
 def distillation_settings(
@@ -331,47 +445,39 @@ def distillation_settings(
     method = "UniKD" if args.use_fdp else args.logit_loss.upper()
     settings: dict[str, Any] = {"method": method, "paper": PAPER if args.use_fdp else None,
                                 "logit_loss": args.logit_loss, "temperature": args.temperature,
-                                "w_logit": args.w_logit}
+                                "w_ce": args.w_ce, "w_logit": args.w_logit,
+                                "logit_standardization": args.logit_standardization}
     if args.logit_loss == "dkd":
-        settings["dkd_warmup_epochs"] = args.dkd_warmup_epochs
+        settings.update(dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta)
+        if args.dkd_warmup_epochs is not None:
+            settings["dkd_warmup_epochs"] = args.dkd_warmup_epochs
+        else:
+            settings["dkd_warmup_ratio"] = args.dkd_warmup_ratio
     if args.use_fdp:
         settings.update(w_feat=args.w_feat, w_supp=args.w_supp, feature_kl=args.feature_kl,
-                        detach_targets=args.detach_targets, use_aff=args.use_aff)
+                        feature_temperature=args.feature_temperature, detach_targets=args.detach_targets,
+                        use_aff=args.use_aff)
         if args.use_aff:
-            settings.update(aff_channels=args.aff_channels, aff_batch_norm=args.aff_batch_norm)
+            settings.update(aff_channels=args.aff_channels, aff_batch_norm=args.aff_batch_norm,
+                            aff_init=args.aff_init)
         settings.update(student_layers=list(student_layers), teacher_layer=teacher_layer)
     return {key: value for key, value in settings.items() if value is not None}
 
 
-def training_hyperparameters(args: TrainingArguments, global_step: int) -> dict[str, Any]:
-    """The Trainer's hyperparameters worth reporting (never a token or a path)."""
-    world_size = args.world_size
-    hyperparameters: dict[str, Any] = {
-        "learning_rate": args.learning_rate,
-        "train_batch_size": args.per_device_train_batch_size,
-        "eval_batch_size": args.per_device_eval_batch_size,
-        "seed": args.seed,
-    }
-    if world_size > 1:
-        hyperparameters["num_devices"] = world_size
-    if args.gradient_accumulation_steps > 1:
-        hyperparameters["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    hyperparameters["total_train_batch_size"] = (
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    )
-    hyperparameters["optimizer"] = getattr(args.optim, "value", args.optim)
-    if args.weight_decay:
-        hyperparameters["weight_decay"] = args.weight_decay
-    hyperparameters["lr_scheduler_type"] = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    if args.warmup_steps:
-        hyperparameters["warmup_steps"] = args.warmup_steps
-    if args.max_steps > 0:
-        hyperparameters["training_steps"] = args.max_steps
-    else:
-        hyperparameters["num_epochs"] = args.num_train_epochs
+def training_hyperparameters(
+    extracted: dict[str, Any], args: TrainingArguments, global_step: int
+) -> dict[str, Any]:
+    """The Trainer's own hyperparameters (``transformers.modelcard.extract_hyperparameters_from_trainer``), as the
+    card shows them: a warm-up below 1 is a share of the training steps (transformers 5 keeps ``warmup_ratio``
+    in ``warmup_steps``), bf16 is named, and the steps actually trained are added."""
+    hyperparameters = dict(extracted)
+    warmup = hyperparameters.get("lr_scheduler_warmup_steps")
+    if warmup is not None and 0 < warmup < 1:
+        del hyperparameters["lr_scheduler_warmup_steps"]
+        hyperparameters["lr_scheduler_warmup_ratio"] = warmup
+    if args.bf16:
+        hyperparameters["mixed_precision_training"] = "Native AMP (bf16)"
     hyperparameters["steps_trained"] = global_step
-    if args.bf16 or args.fp16:
-        hyperparameters["mixed_precision"] = "bf16" if args.bf16 else "fp16"
     return hyperparameters
 
 
@@ -385,3 +491,71 @@ def framework_versions() -> dict[str, str]:
 
     return {"hf_udkd": hf_udkd.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "timm": timm.__version__, "huggingface_hub": huggingface_hub.__version__}
+
+
+class CardOptions(TypedDict, total=False):
+    """What the caller says about the card: the arguments of `UDKDTrainer.create_model_card` but the template."""
+
+    language: str | None
+    license: str | None
+    tags: str | list[str] | None
+    model_name: str | None
+    finetuned_from: str | None
+    tasks: str | list[str] | None
+    dataset_tags: str | list[str] | None
+    dataset: str | list[str] | None
+    dataset_args: str | None
+    dataset_split: str | None
+    teacher_name: str | None
+
+
+def record_for(trainer: Trainer, default_name: str, **options: Unpack[CardOptions]) -> DistillationRecord:
+    """The [`DistillationRecord`] of a `UDKDTrainer` (``trainer``) as it stands; ``default_name`` is the model's
+    name unless ``options`` give one."""
+    tasks, tags = options.get("tasks"), options.get("tags")
+    for task in [tasks] if isinstance(tasks, str) else tasks or []:
+        if task != PIPELINE_TAG:
+            raise ValueError(f"tasks={tasks!r}: an hf_udkd student is an {PIPELINE_TAG} model")
+    dataset_tags, dataset = options.get("dataset_tags"), options.get("dataset")
+    teacher_name = options.get("teacher_name")
+    student = trainer.student
+    teacher = trainer.teacher_model
+    dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
+    dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
+    if not dataset_names:
+        # The model-index lists results only under a dataset name.
+        dataset_names = [dataset_name(trainer.eval_dataset if trainer.eval_dataset is not None
+                                      else trainer.train_dataset)]
+    history = trainer.state.log_history
+    return DistillationRecord(
+        model_name=options.get("model_name") or default_name,
+        repo_id=trainer.hub_model_id or trainer.args.hub_model_id or default_name,
+        student_architecture=type(student).__name__,
+        student_parameters=count_parameters(student),
+        student_origin=options.get("finetuned_from") or origin(student),
+        # Raw timm students are saved in the format of transformers' TimmWrapper.
+        library_name="transformers" if isinstance(student, PreTrainedModel) or is_timm_model(student) else None,
+        teacher_name=(teacher_name or display_name(teacher)) if teacher is not None else None,
+        teacher_origin=origin(teacher) if teacher is not None else None,
+        teacher_architecture=type(teacher).__name__ if teacher is not None else None,
+        teacher_parameters=count_parameters(teacher) if teacher is not None else None,
+        distillation=distillation_settings(
+            trainer.args,
+            [stage.layer for stage in trainer.accelerator.unwrap_model(trainer.model).student_tap.stages],
+            trainer.teacher.stage.layer if trainer.teacher is not None else None,
+        ),
+        hyperparameters=training_hyperparameters(
+            extract_hyperparameters_from_trainer(trainer), trainer.args, trainer.state.global_step
+        ),
+        student_metrics=last_metrics(history, "eval"),
+        teacher_metrics=last_metrics(history, "teacher_eval"),
+        log_history=history,
+        dataset_tags=dataset_tags,
+        dataset_names=dataset_names,
+        dataset_split=options.get("dataset_split"),
+        dataset_config=options.get("dataset_args"),
+        license=options.get("license"),
+        language=options.get("language"),
+        extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
+        framework_versions=framework_versions(),
+    )

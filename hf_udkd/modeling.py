@@ -14,9 +14,10 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .config import UDKDTrainingArguments
+from .constants import IGNORE_INDEX
 from .heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
-from .losses import IGNORE_INDEX, cross_entropy, dkd_loss, gaussian_kl, kd_terms
-from .taps import FeatureTap, StageInfo
+from .losses import cross_entropy, dkd_loss, gaussian_kl, kd_terms
+from .taps import FeatureTap, StageInfo, logits_of
 
 LOSS_TERMS = ("loss_ce", "loss_logit", "loss_feat", "loss_supp")
 
@@ -137,8 +138,7 @@ class DistillationModel(nn.Module):
             tapped = self.student_tap(self.student, pixel_values)
             logits, stages = tapped.logits, tapped.stages
         else:
-            output = self.student(pixel_values)
-            logits = output if isinstance(output, torch.Tensor) else output.logits
+            logits, stages = logits_of(self.student(pixel_values)), None
         if not needs_loss:
             return DistillationOutput(logits=logits)
         if labels is None:
@@ -150,12 +150,28 @@ class DistillationModel(nn.Module):
             return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce)
         if teacher_logits is None:
             raise ValueError("the distiller needs teacher_logits with labels; UDKDTrainer passes them")
+        terms = self._distillation_terms(logits, stages, labels, teacher_logits, teacher_features, logit_weight)
+        loss = loss + args.w_logit * terms["loss_logit"]
+        if stages is not None:
+            loss = loss + args.w_feat * terms["loss_feat"] + args.w_supp * terms["loss_supp"]
+        return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce, **terms)
 
+    def _distillation_terms(
+        self,
+        logits: torch.Tensor,
+        stages: list[torch.Tensor] | None,
+        labels: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        teacher_features: torch.Tensor | None,
+        logit_weight: float,
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted ``loss_logit`` and, with FDP (``stages`` given), ``loss_feat`` and ``loss_supp``."""
+        args = self.args
         # Every softmax-KL term of the step, as (pulled, target, temperature), computed together by kd_terms.
         kl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         if args.logit_loss == "kd":
             kl_pairs["logit"] = (logits, teacher_logits, args.temperature)
-        if self.fdp_student is not None:
+        if stages is not None:
             mu_s, log_var_s = self.fdp_student(self._student_feature(stages))
             mu_t, log_var_t = self.fdp_teacher(teacher_features)
             z_s, z_t = self._sample(mu_s, log_var_s), self._sample(mu_t, log_var_t)
@@ -173,22 +189,17 @@ class DistillationModel(nn.Module):
         kl = dict(zip(kl_pairs, kd_terms(list(kl_pairs.values()), args.logit_standardization), strict=True))
 
         if args.logit_loss == "dkd":
-            loss_logit = logit_weight * dkd_loss(
+            terms = {"loss_logit": logit_weight * dkd_loss(
                 logits, teacher_logits, labels, args.temperature, args.dkd_alpha, args.dkd_beta,
                 args.logit_standardization,
-            )
+            )}
         else:
-            loss_logit = kl["logit"]
-        loss = loss + args.w_logit * loss_logit
-        if self.fdp_student is None:
-            return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce, loss_logit=loss_logit)
-
+            terms = {"loss_logit": kl["logit"]}
+        if stages is None:
+            return terms
         if args.feature_kl == "gaussian":
-            loss_feat = gaussian_kl(mu_s, log_var_s, target(mu_t), target(log_var_t))
+            terms["loss_feat"] = gaussian_kl(mu_s, log_var_s, target(mu_t), target(log_var_t))
         else:
-            loss_feat = kl["feat"]
-        loss_supp = kl["supp_student"] + kl["supp_teacher"]
-        loss = loss + args.w_feat * loss_feat + args.w_supp * loss_supp
-        return DistillationOutput(
-            loss=loss, logits=logits, loss_ce=loss_ce, loss_logit=loss_logit, loss_feat=loss_feat, loss_supp=loss_supp
-        )
+            terms["loss_feat"] = kl["feat"]
+        terms["loss_supp"] = kl["supp_student"] + kl["supp_teacher"]
+        return terms

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageClassification
 from transformers.utils import logging
 
 from .config import UDKDTrainingArguments
-from .taps import FeatureTap
+from .taps import FeatureTap, uncompiled
 
 logger = logging.get_logger(__name__)
 
@@ -130,7 +130,7 @@ class Teacher:
     ) -> Teacher:
         """Probe ``module``'s candidate ``layers`` on ``pixel_values`` and keep the ``stage_index``-th."""
         with whole_weights(module):
-            tap = FeatureTap.from_probe(module, pixel_values, layers)
+            tap = FeatureTap.from_probe(module, pixel_values, layers, role="teacher")
         try:
             stage = tap.stages[stage_index]
         except IndexError:
@@ -162,8 +162,9 @@ class Teacher:
         self.module.to(device=args.device, dtype=args.resolved_teacher_dtype(loaded_dtype))
         prepared = accelerator.prepare_model(self.module, evaluation_mode=True)
         # accelerate wraps forward in the training's autocast; outputs() runs it in the teacher's dtype instead.
+        # Under torch_compile the teacher runs compiled; the public teacher is the module itself.
         self.module = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
-        return self.module
+        return uncompiled(self.module)
 
     @staticmethod
     def _check_zero3_dtype(args: UDKDTrainingArguments, deepspeed_config: dict) -> None:

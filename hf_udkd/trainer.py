@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.state import AcceleratorState
+from accelerate.utils import is_compiled_module
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import EvalPrediction, HubStrategy, SaveStrategy
 from transformers.utils import logging
-from transformers.utils.hub import hf_api
+from transformers.utils.hub import PushInProgress, hf_api
 
-from . import checkpoint, model_card
+from . import checkpoint, model_card, validation
 from .config import UDKDTrainingArguments
-from .constants import INDEX_KEY, TEACHER_INPUT
-from .modeling import LOSS_TERMS, DistillationModel
+from .constants import INDEX_KEY, TEACHER_INPUT, VIEW_KEY
+from .loss_terms import LossTermLog
+from .modeling import DistillationModel
 from .taps import FeatureTap
-from .teacher import Teacher, check_same_labels, load_model, whole_weights
-from .teacher_cache import IndexedCollator, IndexedDataset, TeacherCache, build_teacher_cache
+from .teacher import Teacher, check_same_labels, label_names, load_model, whole_weights
+from .teacher_store import (
+    IndexedCollator,
+    ReplayDataset,
+    StoreCallback,
+    StoreRows,
+    TeacherStore,
+    build_teacher_store,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -69,8 +79,9 @@ class UDKDTrainer(Trainer):
             Training and distillation options.
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for [`~transformers.Trainer`]. Examples must hold `pixel_values` and `labels`; an optional
-            `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
+            As for [`~transformers.Trainer`]. Examples hold `pixel_values` and `labels`; with a teacher, training
+            labels are optional (`-100`, or no `labels` key: distillation terms only), evaluation needs them. An
+            optional `teacher_pixel_values` is the same image prepared for the teacher when its processor differs.
     """
 
     _tag_names = ["hf_udkd", "knowledge-distillation", "unikd", "image-classification"]
@@ -97,13 +108,25 @@ class UDKDTrainer(Trainer):
         elif not isinstance(args, UDKDTrainingArguments):
             raise TypeError(f"args must be UDKDTrainingArguments, got {type(args).__name__}")
         student = load_model(model, "student")
+        if is_compiled_module(student):
+            # The Trainer saves, wraps and loads the module it trains: the student's own, not a compiled wrapper.
+            logger.warning(
+                "The student is compiled (torch.compile): UDKDTrainer trains the module it wraps. Pass "
+                "torch_compile=True in UDKDTrainingArguments to compile the whole step (student, heads and loss)."
+            )
+            student = student._orig_mod
+        teacher_module = load_model(teacher_model, "teacher") if teacher_model is not None else None
+        teacher_folder = checkpoint.source_folder(teacher_module) if teacher_module is not None else None
+        checkpoint.refuse_teacher_folder(args.output_dir, teacher_folder)
+        validation.check_not_empty(train_dataset, eval_dataset)
         probe = _probe_batch(train_dataset if train_dataset is not None else eval_dataset, "dataset")
+        validation.check_pixel_values(probe, student, teacher_module)
         with whole_weights(student):
             student_tap = FeatureTap.from_probe(student, probe["pixel_values"], args.student_layers)
         teacher = None
-        if teacher_model is not None:
+        if teacher_module is not None:
             teacher = Teacher.from_probe(
-                load_model(teacher_model, "teacher"), probe.get(TEACHER_INPUT, probe["pixel_values"]),
+                teacher_module, probe.get(TEACHER_INPUT, probe["pixel_values"]),
                 args.teacher_layers, args.teacher_stage,
             )
             check_same_labels(student, teacher.module, student_tap.num_labels, teacher.num_labels)
@@ -114,6 +137,8 @@ class UDKDTrainer(Trainer):
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         set_seed(args.seed)
         distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
+        validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
+        validation.check_last_batch(distiller, train_dataset, args)
 
         super().__init__(
             model=distiller,
@@ -136,17 +161,18 @@ class UDKDTrainer(Trainer):
             teacher.prepare(self.accelerator, args, getattr(self.accelerator.state, "deepspeed_plugin", None))
             if teacher is not None else None
         )
-        self._term_sums: dict[str, dict[str, torch.Tensor]] = {}
-        self._checked_finite = False
+        self._teacher_folder = teacher_folder
+        self.loss_terms = LossTermLog()
         self._saving_checkpoint = False
-        self.teacher_cache: TeacherCache | None = None
+        self.teacher_cache: TeacherStore | None = None
+        self._replay: ReplayDataset | None = None
         if args.teacher_cache:
             if teacher is None:
-                raise ValueError("teacher_cache=True caches a teacher's outputs, but no teacher_model was given")
-            self.teacher_cache = build_teacher_cache(
-                train_dataset, teacher.stage.channels, teacher.num_labels, args.teacher_cache_dir,
-                args.process_index,
+                raise ValueError("teacher_cache=True stores a teacher's outputs, but no teacher_model was given")
+            self.teacher_cache, self._replay = build_teacher_store(
+                train_dataset, self._store_collator(), teacher, args
             )
+            self.add_callback(StoreCallback(self.teacher_cache, self._replay.views, self.accelerator))
 
         logger.info(f"UniKD student stages: {student_tap.describe()}")
         if teacher is not None:
@@ -174,23 +200,64 @@ class UDKDTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        for key in (TEACHER_INPUT, INDEX_KEY):
+        for key in (TEACHER_INPUT, INDEX_KEY, VIEW_KEY):
             if key not in self._signature_columns:
                 self._signature_columns.append(key)
 
+    def _store_collator(self) -> Callable:
+        """The training collator as the Trainer wraps it, keeping the store's keys (index and view)."""
+        return self._get_collator_with_removed_columns(IndexedCollator(self.data_collator), description="training")
+
     def get_train_dataloader(self):
-        """With the teacher cache, training examples carry their index (``udkd_index``), the cache's key."""
+        """With the teacher store, training examples are read in replayable views and carry their store keys."""
         if self.teacher_cache is None:
             return super().get_train_dataloader()
+        if self.teacher.engine is not None and not self.teacher_cache.is_full:
+            # A partitioned teacher's forward is collective: ranks filling different rows would wait on each other.
+            raise ValueError(
+                "teacher_cache=True under DeepSpeed ZeRO-3 needs a full store before training: "
+                f"{len(self.teacher_cache) - self.teacher_cache.num_filled} of {len(self.teacher_cache)} rows are "
+                "missing. Call trainer.precompute_teacher_outputs() first (or run `python -m hf_udkd.precompute`)."
+            )
         dataset, collator = self.train_dataset, self.data_collator
-        self.train_dataset, self.data_collator = IndexedDataset(dataset), IndexedCollator(collator)
+        self.train_dataset, self.data_collator = self._replay, IndexedCollator(collator)
         try:
             return super().get_train_dataloader()
         finally:
             self.train_dataset, self.data_collator = dataset, collator
 
+    def precompute_teacher_outputs(self) -> TeacherStore:
+        """Fill every (example, view) row of the teacher store before training; returns the store.
+
+        The rows still missing are split over the processes (accelerate's data-loader sharding), read in their
+        views through the training collator, run through the teacher in batches of
+        ``per_device_eval_batch_size``, shared between the processes and, with ``teacher_cache_dir``, written as
+        one shard per process. Call it on every process.
+        """
+        if self.teacher_cache is None:
+            raise ValueError("precompute_teacher_outputs() fills the teacher store: set teacher_cache=True")
+        store = self.teacher_cache
+        missing = store.missing_rows()
+        logger.info(f"Precomputing {len(missing)} of {len(store)} teacher store rows")
+        loader = self.accelerator.prepare_data_loader(
+            torch.utils.data.DataLoader(
+                StoreRows(self._replay, missing),
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=self._store_collator(),
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+        )
+        for batch in loader:
+            logits, features = self.teacher.outputs(batch.get(TEACHER_INPUT, batch["pixel_values"]))
+            store.put(store.rows(batch[INDEX_KEY], batch[VIEW_KEY]), logits, features)
+        store.exchange(self.accelerator)
+        store.save()
+        self.accelerator.wait_for_everyone()
+        return store
+
     def _teacher_outputs_for(self, inputs: dict[str, Any], teacher_input: torch.Tensor, training: bool):
-        """Teacher logits (B, K) and pooled tap (B, C_T): from the cache in training when it has them."""
+        """Teacher logits (B, K) and pooled tap (B, C_T): from the store in training when it has them."""
         indices = inputs.get(INDEX_KEY)
         if self.teacher_cache is None or not training or indices is None:
             return self.teacher.outputs(teacher_input)
@@ -198,7 +265,8 @@ class UDKDTrainer(Trainer):
         def compute(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             return self.teacher.outputs(teacher_input if rows is None else teacher_input[rows])
 
-        return self.teacher_cache.fetch(indices, compute, teacher_input.device)
+        views = inputs.get(VIEW_KEY, torch.zeros_like(indices))
+        return self.teacher_cache.fetch(indices, views, compute, teacher_input.device)
 
     def _logit_weight(self) -> float:
         """DKD's linear warm-up: the share of it done so far, 1 once it is over (and always for KD)."""
@@ -245,7 +313,8 @@ class UDKDTrainer(Trainer):
             }
         outputs = model(pixel_values=pixel_values, labels=labels, **extra)
         if outputs.loss is not None:
-            self._accumulate_terms(outputs, pixel_values.shape[0], "train" if model.training else "eval")
+            self.loss_terms.add(outputs, pixel_values.shape[0], "train" if model.training else "eval",
+                                self.state.global_step + 1)
         if return_outputs:
             # Only the logits: the Trainer hands every other output to compute_metrics as predictions.
             return outputs.loss, {"logits": outputs.logits}
@@ -253,54 +322,19 @@ class UDKDTrainer(Trainer):
 
     # ---- logging of the loss terms -------------------------------------------------------------------------
 
-    def _accumulate_terms(self, outputs, batch_size: int, split: str) -> None:
-        """Sum each term on the device; no host sync here, the reduction happens at logging steps only."""
-        sums = self._term_sums.setdefault(split, {})
-        for name in LOSS_TERMS:
-            value = getattr(outputs, name)
-            if value is not None:
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * batch_size
-        sums["count"] = sums.get("count", 0) + batch_size
-        if split == "train" and not self._checked_finite:
-            # One early check catches a broken set-up (wrong dtype, bad teacher) at step 1, not at logging.
-            self._checked_finite = True
-            self._raise_if_not_finite({k: v for k, v in sums.items() if k != "count"}, "the first step")
-
-    @staticmethod
-    def _raise_if_not_finite(values: dict[str, torch.Tensor], when: str) -> None:
-        bad = [name for name, value in values.items() if not torch.isfinite(torch.as_tensor(value)).all()]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite UniKD loss term(s) {bad} in {when}. Lower the learning rate, check the inputs, "
-                "or use bf16 instead of fp16; a term going bad alone points at its weight (w_logit, w_feat, "
-                "w_supp) or at the teacher."
-            )
-
-    def _reduce_terms(self, split: str) -> dict[str, float]:
-        """Mean of each term since the last reduction, over all processes; clears the sums."""
-        sums = self._term_sums.pop(split, None)
-        if not sums:
-            return {}
-        names = [name for name in LOSS_TERMS if name in sums]
-        device = self.args.device
-        local = torch.stack([torch.as_tensor(sums[n], device=device, dtype=torch.float32) for n in names])
-        count = torch.tensor([float(sums["count"])], device=device)
-        total = self.accelerator.reduce(torch.cat([local, count]), reduction="sum")
-        means = {name: total[i] / total[-1] for i, name in enumerate(names)}
-        self._raise_if_not_finite(means, f"the {split} steps up to global step {self.state.global_step}")
-        return {name: round(value.item(), 4) for name, value in means.items()}
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            logs.update(self._reduce_terms("train"))
+            self.loss_terms.raise_if_non_finite()
+            logs.update(self.loss_terms.reduce("train", self.args.device, self.accelerator, self.state.global_step))
         super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        self._term_sums.pop("eval", None)
+        self.loss_terms.clear("eval")
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        for name, value in self._reduce_terms("eval").items():
+        eval_terms = self.loss_terms.reduce("eval", self.args.device, self.accelerator, self.state.global_step)
+        for name, value in eval_terms.items():
             output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
 
@@ -311,23 +345,71 @@ class UDKDTrainer(Trainer):
         """The student being trained (unwrapped)."""
         return self.accelerator.unwrap_model(self.model).student
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the latest *complete* checkpoint
+        in `output_dir`; an incomplete checkpoint, or one written with other distillation options, is refused
+        before anything is loaded."""
+        resume_from_checkpoint = checkpoint.resume_folder(resume_from_checkpoint, self.args)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
     def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written in `_incomplete-checkpoint-N` and renamed to `checkpoint-N` once
+        complete, so that a crash leaves a complete checkpoint or none. Refused when a loss term or a weight is not
+        finite; rotation (`save_total_limit`) never deletes the checkpoint just written or the best one."""
+        self.loss_terms.raise_if_non_finite()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        folder = checkpoint.folder_for(run_dir, self.state.global_step)
+        staging = checkpoint.staging_folder(folder)
+        writes_folders = checkpoint.writes_folders(self.args)
+        if writes_folders:
+            checkpoint.prepare_staging(run_dir, staging)
+        self.accelerator.wait_for_everyone()
         self._saving_checkpoint = True
         try:
-            super()._save_checkpoint(model, trial)
+            self.save_model(staging, _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(staging)
+                self._save_scaler(staging)
+                self._save_rng_state(staging)
         finally:
             self._saving_checkpoint = False
+        checkpoint.update_best_checkpoint(self.state, self.args, run_dir, folder)
+        if self.args.should_save:
+            checkpoint.save_trainer_state(self.state, self.callback_handler.callbacks + [self.control], staging)
+        # Every process has written its files (RNG and noise states) before the folder is declared complete.
+        self.accelerator.wait_for_everyone()
+        if writes_folders:
+            checkpoint.publish(staging, folder, checkpoint.distillation_options(self.args))
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(folder)
+        if writes_folders:
+            checkpoint.rotate(run_dir, self.args.save_total_limit, [folder, self.state.best_model_checkpoint])
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As [`~transformers.Trainer.save_model`]; refused when a loss term was not finite since training began."""
+        self.loss_terms.raise_if_non_finite()
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the student alone in standard format; in checkpoints, the heads beside it."""
+        """Write the student alone in standard format; in checkpoints, the heads beside it. Refused inside the
+        teacher's folder and for weights that are not finite; another model's files there are removed first."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.refuse_teacher_folder(output_dir, self._teacher_folder)
         if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            # Under torch_compile the distiller is compiled: its own state dict has the plain parameter names.
+            state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
         student_state, head_state = checkpoint.split_state(state_dict)
-        checkpoint.save_student(self.student, student_state, output_dir)
+        checkpoint.refuse_non_finite_weights(student_state, "student", self.state.global_step, output_dir)
+        if self._saving_checkpoint:
+            checkpoint.refuse_non_finite_weights(head_state, "UniKD heads", self.state.global_step, output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.remove_stale_model_files(output_dir)
+        labels = label_names(self.teacher_model) if self.teacher_model is not None else None
+        checkpoint.save_student(self.student, student_state, output_dir, labels)
         if self._saving_checkpoint:
             checkpoint.save_heads(head_state, output_dir)
         if self.processing_class is not None:
@@ -337,13 +419,15 @@ class UDKDTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        checkpoint.load_student_and_heads(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model))
+        distiller = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        checkpoint.load_student_and_heads(resume_from_checkpoint, distiller)
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_best_model()
         logger.info(f"Loading best model from {self.state.best_model_checkpoint}")
-        checkpoint.load_student_and_heads(self.state.best_model_checkpoint, self.accelerator.unwrap_model(self.model))
+        distiller = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        checkpoint.load_student_and_heads(self.state.best_model_checkpoint, distiller)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
@@ -423,7 +507,8 @@ class UDKDTrainer(Trainer):
             dataset_tags (`str` or `list[str]`, *optional*):
                 Hub dataset ids, for the `datasets` metadata.
             dataset (`str` or `list[str]`, *optional*):
-                Readable dataset names; the `model-index` needs one (or a dataset tag) to list results.
+                Readable dataset names, which the `model-index` needs to list results. Default: the dataset tags,
+                else the evaluation (or training) `datasets.Dataset`'s own name, else `"custom"`.
             dataset_args (`str`, *optional*):
                 The dataset configuration the metrics were computed on.
             dataset_split (`str`, *optional*):
@@ -435,47 +520,11 @@ class UDKDTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        for task in [tasks] if isinstance(tasks, str) else tasks or []:
-            if task != model_card.PIPELINE_TAG:
-                raise ValueError(f"tasks={tasks!r}: an hf_udkd student is an {model_card.PIPELINE_TAG} model")
-        student = self.student
-        teacher = self.teacher_model
-        dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
-        dataset_names = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags)
-        history = self.state.log_history
-        record = model_card.DistillationRecord(
-            model_name=model_name or self._default_model_name(),
-            repo_id=self.hub_model_id or self.args.hub_model_id or self._default_model_name(),
-            student_architecture=type(student).__name__,
-            student_parameters=model_card.count_parameters(student),
-            student_origin=finetuned_from or model_card.origin(student),
-            teacher_name=(teacher_name or model_card.display_name(teacher)) if teacher is not None else None,
-            teacher_origin=model_card.origin(teacher) if teacher is not None else None,
-            teacher_architecture=type(teacher).__name__ if teacher is not None else None,
-            teacher_parameters=model_card.count_parameters(teacher) if teacher is not None else None,
-            distillation=model_card.distillation_settings(
-                self.args,
-                [stage.layer for stage in self.accelerator.unwrap_model(self.model).student_tap.stages],
-                self.teacher.stage.layer if self.teacher is not None else None,
-            ),
-            hyperparameters=model_card.training_hyperparameters(self.args, self.state.global_step),
-            student_metrics=model_card.last_metrics(history, "eval"),
-            teacher_metrics=model_card.last_metrics(history, "teacher_eval"),
-            log_history=history,
-            dataset_tags=dataset_tags,
-            dataset_names=dataset_names,
-            dataset_split=dataset_split,
-            dataset_config=dataset_args,
-            license=license,
-            language=language,
-            extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
-            framework_versions=model_card.framework_versions(),
+        record = model_card.record_for(
+            self, self._default_model_name(), language=language, license=license, tags=tags, model_name=model_name,
+            finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+            dataset_args=dataset_args, dataset_split=dataset_split, teacher_name=teacher_name,
         )
-        if record.student_metrics and not record.dataset_names:
-            logger.warning(
-                "The model card lists no results in its model-index: the Hub needs the dataset's name. Pass "
-                "dataset= (and dataset_tags= with Hub dataset ids) to create_model_card() or push_to_hub()."
-            )
         model_card.write_model_card(record, self.args.output_dir, template_path)
 
     def push_to_hub(
@@ -489,10 +538,11 @@ class UDKDTrainer(Trainer):
     ):
         """Push the clean student to `args.hub_model_id`: weights, config, image processor, card and loss plot.
 
-        Never the UniKD heads, checkpoints or `training_args.bin`. Everything is written to `output_dir` before
-        the Hub is contacted, so a refused push leaves a complete local copy. When the student has been
-        evaluated and the teacher not yet, the teacher is evaluated once for the card. The token comes from
-        `token`, `args.hub_token`, `HF_TOKEN` or the saved login, and is never written or logged.
+        Exactly these files of `output_dir`; never the UniKD heads, checkpoints, `training_args.bin` or anything
+        else there (a teacher's folder, say). Everything is written to `output_dir` before the Hub is contacted,
+        so a refused push leaves a complete local copy. When the student has been evaluated and the teacher not
+        yet, the teacher is evaluated once for the card. The token comes from `token`, `args.hub_token`,
+        `HF_TOKEN` or the saved login, and is never written or logged.
 
         Args:
             commit_message, blocking, token, revision, private:
@@ -511,6 +561,8 @@ class UDKDTrainer(Trainer):
             and not model_card.last_metrics(history, "teacher_eval")
         ):
             self.evaluate_teacher()
+        # A push still running from training would land after this one, with older weights.
+        self._finish_current_push()
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
@@ -520,15 +572,9 @@ class UDKDTrainer(Trainer):
         try:
             if self.hub_model_id is None:
                 self.init_hf_repo(token=token, private=private)
-            self._finish_current_push()
-            return hf_api().upload_folder(
-                repo_id=self.hub_model_id,
-                folder_path=self.args.output_dir,
-                commit_message=commit_message,
-                token=token,
-                run_as_future=not blocking,
-                allow_patterns=files,
-                revision=revision if revision is not None else self.args.hub_revision,
+            return model_card.commit_files(
+                hf_api(), self.hub_model_id, {name: os.path.join(self.args.output_dir, name) for name in files},
+                commit_message, token, revision if revision is not None else self.args.hub_revision, blocking,
             )
         except HfHubHTTPError as err:
             err.append_to_message(
@@ -537,3 +583,31 @@ class UDKDTrainer(Trainer):
                 f"{self.args.output_dir}`."
             )
             raise
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The push at each save during training (`hub_strategy` other than `"end"`), in the background.
+
+        One commit: the student's config, weights and image processor from `checkpoint_folder` with a card and
+        plot of the run so far at the root, and for `"checkpoint"` / `"all_checkpoints"` the files resuming
+        needs ([`model_card.checkpoint_files`], no `training_args.bin`) in `last-checkpoint/` / `checkpoint-N/`.
+        Nothing else of `output_dir`, where the Trainer's own push would upload whatever lies there.
+        """
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.create_model_card(model_name=self._default_model_name())
+        folder_in_repo = {HubStrategy.CHECKPOINT: "last-checkpoint",
+                          HubStrategy.ALL_CHECKPOINTS: Path(checkpoint_folder).name}.get(self.args.hub_strategy)
+        files = model_card.training_push_files(checkpoint_folder, self.args.output_dir, folder_in_repo)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        job = model_card.commit_files(hf_api(), self.hub_model_id, files, commit_message, self.args.hub_token,
+                                      self.args.hub_revision, blocking=False)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)

@@ -54,4 +54,6 @@ def test_gpu_check_runs_on_cpu_and_writes_its_table(tmp_path):
     assert all(run["loss_finite"] and run["images_per_s"] > 0 for run in runs.values())
     assert runs["unikd"]["teacher_trainable"] is False and "teacher_device" not in runs["student_only"]
     table = out.with_suffix(".md").read_text()
-    assert "| fp32 | 4 | unikd |" in table and "| fp32 | 4 | student_only |" in table
+    assert "| fp32 | 4 | no | unikd |" in table and "| fp32 | 4 | no | student_only | " in table
+    # The store-fed row never ran the teacher in its steps; its losses are those of a live teacher's run.
+    assert runs["unikd_stored"]["loss_finite"] and runs["unikd_stored"]["compiled"] is False

@@ -8,7 +8,8 @@ import datasets
 import numpy as np
 import pytest
 
-from hf_udkd.data import UNLABELLED, load_animal_mnist, load_digits_dataset
+from hf_udkd.constants import IGNORE_INDEX
+from hf_udkd.data import load_animal_mnist, load_digits_dataset
 
 ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 
@@ -76,8 +77,8 @@ def test_animal_mnist_unlabelled_rest(animal):
     assert mixed["train"].features == animal["train"].features
     assert examples(mixed["validation"]) == examples(animal["validation"])
     train = examples(mixed["train"])
-    labelled = [(image, label) for image, label in train if label != UNLABELLED]
-    rest = [image for image, label in train if label == UNLABELLED]
+    labelled = [(image, label) for image, label in train if label != IGNORE_INDEX]
+    rest = [image for image, label in train if label == IGNORE_INDEX]
     # The labelled part is exactly the labels_per_class subset, without its copies among the unlabelled.
     assert sorted(labelled) == sorted(examples(load_animal_mnist(labels_per_class=30)["train"]))
     assert np.bincount([label for _, label in labelled], minlength=10).tolist() == [30] * 10
@@ -92,9 +93,9 @@ def test_animal_mnist_unlabelled_rest(animal):
 def test_unlabelled_labels_survive_dataset_operations():
     train = load_digits_dataset(labels_per_class=3, unlabelled=True)["train"]
     kept = train.map(lambda example: {"label": example["label"]})
-    assert kept["label"] == train["label"] and train["label"].count(UNLABELLED) == train.num_rows - 30
+    assert kept["label"] == train["label"] and train["label"].count(IGNORE_INDEX) == train.num_rows - 30
     both = datasets.concatenate_datasets([train, train.shuffle(seed=0)])
-    assert both["label"].count(UNLABELLED) == 2 * (train.num_rows - 30)
+    assert both["label"].count(IGNORE_INDEX) == 2 * (train.num_rows - 30)
 
 
 def test_labels_per_class_subsets_are_nested_and_seeded():

@@ -19,7 +19,8 @@ import torch
 from conftest import load_script, resnet_config
 from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ViTImageProcessor
 
-from hf_udkd.data import UNLABELLED, load_animal_mnist
+from hf_udkd.constants import IGNORE_INDEX
+from hf_udkd.data import load_animal_mnist
 from hf_udkd.image_processing import (
     ImageClassificationTransform,
     UndecodableImageError,
@@ -185,7 +186,7 @@ def test_unlabeled_images_get_label_minus_100_whatever_their_folders(example, an
     argv = ["--unlabeled_dir", str(tmp_path / "photos"), "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
     model_args, data_args, _ = example.parse_arguments(argv)
     images = example.load_unlabeled_images(data_args, model_args, labelled.features["label"])
-    assert images.features == labelled.features and images["label"] == [UNLABELLED] * 5
+    assert images.features == labelled.features and images["label"] == [IGNORE_INDEX] * 5
     assert len(datasets.concatenate_datasets([labelled, images])) == 5
 
     # A dataset with other column names: its label column is dropped, its images renamed to the training set's.
@@ -200,7 +201,7 @@ def test_unlabeled_images_get_label_minus_100_whatever_their_folders(example, an
             "m", "--output_dir", str(tmp_path)]  # fmt: skip
     model_args, data_args, _ = example.parse_arguments(argv)
     images = example.load_unlabeled_images(data_args, model_args, labelled.features["label"])
-    assert images.column_names == ["img", "label"] and images["label"] == [UNLABELLED] * 4
+    assert images.column_names == ["img", "label"] and images["label"] == [IGNORE_INDEX] * 4
 
     with pytest.raises(ValueError, match="not both"):
         example.parse_arguments([*argv, "--unlabeled_dir", str(tmp_path / "photos")])
@@ -315,7 +316,7 @@ def test_script_with_unlabeled_images(example, animals, imagefolder_run, tmp_pat
     summary = example.main(imagefolder_run + ["--skip_bad_images", "--unlabeled_dir", str(tmp_path / "unlabeled")])
     train = summary.trainer.train_dataset
     labels = [example["labels"] for example in train]
-    assert len(train) == 3 * 6 + 1 + 6 and labels.count(UNLABELLED) == 6
+    assert len(train) == 3 * 6 + 1 + 6 and labels.count(IGNORE_INDEX) == 6
     assert summary.trainer.state.global_step == 2
     assert all(np.isfinite(entry["loss"]) for entry in summary.trainer.state.log_history if "loss" in entry)
 

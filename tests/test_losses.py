@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
+from hf_udkd.constants import IGNORE_INDEX
 from hf_udkd.heads import AdaptiveFeatureFusion, FeatureDistributionHead, NoiseSource
-from hf_udkd.losses import IGNORE_INDEX, cross_entropy, dkd_loss, gaussian_kl, kd_loss, kd_terms, standardize
+from hf_udkd.losses import cross_entropy, dkd_loss, gaussian_kl, kd_loss, kd_terms, standardize
 
 torch.manual_seed(0)
 S, T = torch.randn(8, 10), torch.randn(8, 10)
@@ -102,14 +103,33 @@ def test_noise_source_is_seeded_and_restorable():
     a, b = NoiseSource(seed=1), NoiseSource(seed=2)
     first = a.sample(mu, log_var)
     assert not torch.equal(first, b.sample(mu, log_var)), "different seeds (ranks) must draw different noise"
-    state = a.get_state().clone()
+    state = {device: s.clone() for device, s in a.get_states().items()}
     expected = a.sample(mu, log_var)
     restored = NoiseSource(seed=1)
-    restored.set_state(state)
+    restored.set_states(state)
     torch.testing.assert_close(restored.sample(mu, log_var), expected)
     # The same draw scaled by the predicted standard deviation, exp(log_var / 2).
     wide = NoiseSource(seed=1).sample(mu, torch.full((4, 10), 4.0))
     torch.testing.assert_close(wide, first * math.exp(2.0))
+
+
+def test_noise_source_keeps_one_generator_per_device():
+    mu, log_var = torch.zeros(4, 10), torch.zeros(4, 10)
+    noise = NoiseSource(seed=1)
+    noise.sample(mu, log_var)
+    cpu_state = noise.get_states()["cpu"].clone()
+    other_state = torch.Generator().manual_seed(99).get_state()
+    # A checkpoint of nn.DataParallel replicas holds one state per device; each goes to its own device.
+    noise.set_states({"cpu": cpu_state, "cuda:1": other_state})
+    expected = torch.randn(4, 10, generator=torch.Generator().set_state(cpu_state))
+    torch.testing.assert_close(noise.sample(mu, log_var), expected)
+    states = noise.get_states()
+    assert set(states) == {"cpu", "cuda:1"}
+    assert torch.equal(states["cuda:1"], other_state), "a device not used yet keeps its restored state"
+    assert not torch.equal(states["cpu"], cpu_state), "the CPU generator moved on"
+    # Drawing again continues the same generator instead of restarting it from the seed.
+    again = noise.sample(mu, log_var)
+    assert not torch.equal(again, expected)
 
 
 def test_cross_entropy_is_the_mean_over_labelled_examples_and_zero_without_any():

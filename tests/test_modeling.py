@@ -1,15 +1,18 @@
 """DistillationModel's loss on real tiny models: unlabelled examples, logit standardization, the options."""
 
+import collections
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build, resnet_config
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from hf_udkd import DistillationModel, FeatureTap, UDKDTrainer, UDKDTrainingArguments
-from hf_udkd.losses import IGNORE_INDEX, standardize
+from hf_udkd.constants import IGNORE_INDEX
+from hf_udkd.losses import standardize
 from hf_udkd.teacher import Teacher
 
 DISTILLATION_TERMS = ("loss_logit", "loss_feat", "loss_supp")
@@ -253,3 +256,44 @@ def test_dkd_warmup_epochs_overrides_the_share(tmp_path, digits):
     # 12 steps per epoch: the weight is the epoch done over 0.5, so 1 from step 6 on.
     assert [w for _, w in weights[:7]] == pytest.approx([step / 6 for step in range(7)])
     assert all(w == 1.0 for _, w in weights[6:])
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("options, passes", [({}, 1), ({"feature_temperature": 1.0}, 2), ({"logit_loss": "dkd"}, 1)])
+def test_kl_terms_take_one_softmax_pass_per_temperature(tmp_path, batch, options, passes):
+    pixel_values, labels = batch
+    model, (t_logits, t_features) = distiller_and_teacher(tmp_path, pixel_values, **options)
+    with OpCounter() as ops:
+        model.train()(pixel_values, labels, t_logits, t_features)
+    dkd = 4 if options.get("logit_loss") == "dkd" else 0  # DKD's own log-softmaxes and softmaxes
+    # One for the cross-entropy, one per temperature for the four KL terms (not two per term).
+    assert ops.counts["_log_softmax"] + ops.counts["_softmax"] == 1 + passes + dkd
+
+
+def test_pp_lcnet_student_trains_with_logit_kd_and_predicts(tmp_path, batch):
+    """PP-LCNet puts its logits in last_hidden_state: the untapped path (logit KD, prediction) reads them too."""
+    from transformers import PPLCNetConfig, PPLCNetForImageClassification
+
+    pixel_values, labels = batch
+    torch.manual_seed(0)
+    student = PPLCNetForImageClassification(PPLCNetConfig(num_labels=10)).eval()
+    teacher = Teacher.from_probe(build(resnet_config([16, 32, 64, 128]), tmp_path / "teacher"), pixel_values, None, -1)
+    model = DistillationModel(student, FeatureTap.from_probe(student, pixel_values), teacher.stage,
+                              make_args(tmp_path, use_fdp=False)).eval()
+    t_logits, t_features = teacher.outputs(pixel_values)
+    out = model(pixel_values, labels, t_logits, t_features)
+    expected = student(pixel_values=pixel_values).last_hidden_state
+    torch.testing.assert_close(out.logits, expected)
+    assert torch.isfinite(out.loss) and out.loss_logit > 0
+    torch.testing.assert_close(model(pixel_values).logits, expected)

@@ -24,7 +24,7 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     config = ResNetConfig(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], embedding_size=32,
                           num_labels=10, id2label=dict(enumerate(names)),
                           label2id={n: i for i, n in enumerate(names)})
-    teacher_dir = tmp_path / "udkd-animal-mnist" / "teacher"
+    teacher_dir = tmp_path / "udkd-animal-mnist-teacher"
     AutoModelForImageClassification.from_config(config).save_pretrained(teacher_dir)
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(teacher_dir)

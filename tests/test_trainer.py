@@ -7,13 +7,14 @@ import os
 import pytest
 import timm
 import torch
+from accelerate.utils import is_compiled_module
 from conftest import accuracy, build, labels_kwargs, resnet_config, save_and_load, vit_config
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments
 from hf_udkd.checkpoint import HEADS_NAME
-from hf_udkd.modeling import LOSS_TERMS
+from hf_udkd.modeling import LOSS_TERMS, DistillationOutput
 
 
 def make_args(tmp_path, **kwargs) -> UDKDTrainingArguments:
@@ -105,7 +106,7 @@ def test_ablations_by_configuration(tmp_path, resnet_teacher, resnet_student, di
         trainer.model.eval()
         with torch.no_grad():
             trainer.compute_loss(trainer.model, batch)
-        return trainer.model, set(trainer._term_sums["eval"]) - {"count"}
+        return trainer.model, set(trainer.loss_terms.sums["eval"]) - {"count"}
 
     kd_model, kd_terms = terms(use_fdp=False)
     assert kd_terms == {"loss_ce", "loss_logit"}
@@ -241,7 +242,7 @@ def test_non_finite_loss_names_the_term(tmp_path, resnet_teacher, resnet_student
         resnet_teacher.classifier[-1].weight.fill_(float("inf"))
     trainer = UDKDTrainer(model=resnet_student, teacher_model=resnet_teacher,
                           args=make_args(tmp_path, max_steps=2), train_dataset=train)
-    with pytest.raises(FloatingPointError, match="non-finite UniKD loss term\\(s\\) \\['loss_logit'"):
+    with pytest.raises(FloatingPointError, match="non-finite UniKD loss term\\(s\\): loss_logit in step 1,"):
         trainer.train()
 
 
@@ -292,3 +293,42 @@ def test_processes_launched_without_a_gpu_and_without_use_cpu_are_refused(tmp_pa
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="use_cpu"):
         make_args(tmp_path, use_cpu=False)
+
+
+def _short_run(tmp_path, digits, name, **kwargs) -> tuple[UDKDTrainer, list[dict]]:
+    """Three logged steps of UniKD (sampled noise, every head) between two tiny ResNets, saving at the end."""
+    torch.manual_seed(0)
+    teacher = build(resnet_config([8, 16, 32, 64]), tmp_path / f"{name}_teacher")
+    student = build(resnet_config([8, 16, 32, 64]), tmp_path / f"{name}_student")
+    args = make_args(tmp_path / name, per_device_train_batch_size=16, max_steps=3, logging_steps=1, **kwargs)
+    trainer = UDKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=subset(digits[0], 48))
+    trainer.train()
+    trainer.save_model()
+    return trainer, [log for log in trainer.state.log_history if "loss" in log]
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_with_the_eager_losses(tmp_path, digits):
+    eager, eager_logs = _short_run(tmp_path, digits, "eager")
+    compiled, compiled_logs = _short_run(tmp_path, digits, "compiled", torch_compile=True)
+    # accelerate compiled the whole distiller (student, heads, loss) and the teacher's eval-mode forward.
+    assert is_compiled_module(compiled.model_wrapped) and is_compiled_module(compiled.teacher.module)
+    assert not is_compiled_module(compiled.teacher_model)
+    for eager_log, compiled_log in zip(eager_logs, compiled_logs, strict=True):
+        for term in ("loss", *LOSS_TERMS):
+            assert math.isclose(compiled_log[term], eager_log[term], rel_tol=1e-3, abs_tol=1e-4), term
+    # The saved student is the plain module, with the eager run's parameter names.
+    saved = load_file(os.path.join(compiled.args.output_dir, "model.safetensors"))
+    assert set(saved) == set(load_file(os.path.join(eager.args.output_dir, "model.safetensors")))
+
+
+def test_data_parallel_terms_are_reduced_to_batch_means(tmp_path, resnet_student, digits):
+    # nn.DataParallel (several GPUs, one process) gathers each replica's mean term into a (replicas,) vector.
+    trainer = UDKDTrainer(model=resnet_student, args=make_args(tmp_path), train_dataset=subset(digits[0], 8))
+    # A batch of 3 on two replicas: chunks of 2 and 1 examples.
+    vector = torch.tensor([1.0, 4.0])
+    trainer.loss_terms.add(DistillationOutput(loss=vector, loss_ce=vector), 3, "train", step=1)
+    # A batch of 4 on one device: a plain scalar.
+    trainer.loss_terms.add(DistillationOutput(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.5)), 4, "train", step=2)
+    means = trainer.loss_terms.reduce("train", trainer.args.device, trainer.accelerator, step=2)
+    assert means == {"loss_ce": round((2 * 1.0 + 4.0 + 4 * 0.5) / 7, 4)}

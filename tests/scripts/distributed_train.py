@@ -32,7 +32,7 @@ from conftest import TensorImageDataset, resnet_config, to_pixel_values, vit_con
 
 from hf_udkd import UDKDTrainer, UDKDTrainingArguments  # noqa: E402
 from hf_udkd.data import load_digits_dataset  # noqa: E402
-from hf_udkd.trainer import _whole_weights  # noqa: E402
+from hf_udkd.teacher import whole_weights  # noqa: E402
 
 GLOBAL_BATCH = 16
 STEPS = 4
@@ -139,7 +139,7 @@ def _gather(value):
 def _full_state(trainer: UDKDTrainer) -> dict[str, torch.Tensor]:
     """The distiller's parameters, whole (FSDP2 shards and ZeRO-3 partitions are gathered), on every rank."""
     distiller = trainer.accelerator.unwrap_model(trainer.model)
-    with _whole_weights(distiller):
+    with whole_weights(distiller):
         state = {}
         for name, param in distiller.named_parameters():
             value = param.full_tensor() if hasattr(param, "full_tensor") else param
