@@ -158,11 +158,13 @@ _TEACHER_FIELDS = (
     "teacher_train_limit",
     "val_limit",
 )
-# The fields of UDKDTrainingArguments that are UniKD's options (not the Trainer's, not the teacher's placement).
+# The fields of UDKDTrainingArguments that are UniKD's options: not the Trainer's, not the teacher's placement or
+# its cache (the study has a store of its own), so a new caching option does not invalidate the finished runs.
 _UDKD_FIELDS = sorted(
-    {f.name for f in fields(UDKDTrainingArguments)}
-    - {f.name for f in fields(TrainingArguments)}
-    - {"teacher_dtype", "teacher_cache", "teacher_cache_dir", "student_layers", "teacher_layers"}
+    name
+    for name in {f.name for f in fields(UDKDTrainingArguments)} - {f.name for f in fields(TrainingArguments)}
+    if not name.startswith("teacher_cache")
+    and name not in {"teacher_dtype", "student_layers", "teacher_layers"}
 )
 
 
