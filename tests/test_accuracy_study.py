@@ -49,12 +49,16 @@ def test_views_replay_per_seed():
 
     def reads(seed: int) -> list[torch.Tensor]:
         data = accuracy_study.AugmentedImages(images, labels, augment=True, seed=seed, num_views=2)
+        data.start_replay()
         return [data[i]["pixel_values"] for i in [3, 1, 3, 1]]
 
     first, again, other = reads(0), reads(0), reads(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     data = accuracy_study.AugmentedImages(images, labels, augment=True, seed=0, num_views=2)
+    # Before training, reads (the Trainer's checks) see view 0 and do not count.
+    assert torch.equal(data[3]["pixel_values"], data.view(0, 3)) and data[3][accuracy_study.INDEX_KEY] == 3
+    data.start_replay()
     # The k-th read of example i is view k, stored at row k * N + i.
     assert [data[3][accuracy_study.INDEX_KEY] for _ in range(2)] == [3, 5 + 3]
     assert torch.equal(data.view(1, 3), first[2])
