@@ -302,9 +302,9 @@ def folder_for(run_dir: str, step: int) -> str:
 
 
 def writes_folders(args: TrainingArguments) -> bool:
-    """Whether this process creates, completes and rotates the checkpoint folders: one per machine. `should_save`
-    alone can hold on every process of a machine (DeepSpeed on CPU, whose processes accelerate counts as one),
-    which would then race to rename the same folder."""
+    """Whether this process writes the saved files and creates, completes and rotates the checkpoint folders: one
+    per machine. `should_save` alone can hold on every process of a machine (DeepSpeed on CPU, whose processes
+    accelerate counts as one), which would then race to write, clean and rename the same folder."""
     return args.should_save and int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 

@@ -396,7 +396,9 @@ class UDKDTrainer(Trainer):
         """Write the student alone in standard format; in checkpoints, the heads beside it. Refused inside the
         teacher's folder and for weights that are not finite; another model's files there are removed first."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        # One writer per machine: under DeepSpeed on CPU every process has should_save, and one process's removal of
+        # stale files would race with another's fresh ones.
+        if not checkpoint.writes_folders(self.args):
             return
         checkpoint.refuse_teacher_folder(output_dir, self._teacher_folder)
         if state_dict is None:

@@ -281,3 +281,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # As the example script ends: a process that exits with the group open while another still works can
+    # abort at exit ("terminate called without an active exception").
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.state import PartialState
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TrainerCallback, ViTImageProcessor
 
@@ -97,3 +98,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # As the example script ends: a process that exits with the group open while another still works can
+    # abort at exit ("terminate called without an active exception").
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()
