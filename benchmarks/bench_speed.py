@@ -508,6 +508,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return options
 
 
+def write(result: dict[str, Any], to_markdown: Callable[[dict], str], options: argparse.Namespace, name: str,
+          log: Callable[[str], None]) -> dict[str, Any]:
+    """Write ``result`` as ``<output_dir>/<name>.json`` and its table as ``<name>.md``; log the table."""
+    os.makedirs(options.output_dir, exist_ok=True)
+    stem = os.path.join(options.output_dir, name)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2, default=lambda o: dataclasses.asdict(o))
+    table = to_markdown(result)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    log(table)
+    log(f"Wrote {stem}.{{json,md}} in {result['wall_seconds']:.0f} s")
+    return result
+
+
 def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     options = parse_args(argv)
     threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
@@ -549,16 +564,8 @@ def run(options: argparse.Namespace, argv: list[str] | None, log: Callable[[str]
         result["pairs"].append(benchmark_pair(pair, teachers[pair], student_config, dataset, options, log))
     result["wall_seconds"] = time.perf_counter() - start
 
-    os.makedirs(options.output_dir, exist_ok=True)
     stem = f"speed_{options.device}{'_bf16' if options.bf16 else ''}{'_quick' if options.quick else ''}"
-    with open(os.path.join(options.output_dir, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=2, default=lambda o: dataclasses.asdict(o))
-    table = markdown(result)
-    with open(os.path.join(options.output_dir, stem + ".md"), "w") as f:
-        f.write(table)
-    log(table)
-    log(f"Wrote {os.path.join(options.output_dir, stem)}.{{json,md}} in {result['wall_seconds']:.0f} s")
-    return result
+    return write(result, markdown, options, stem, log)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from bench_speed import (  # noqa: E402  # noqa: E402
+from bench_speed import (  # noqa: E402
     RESULTS_DIR,
     build,
     describe,
@@ -50,6 +49,7 @@ from bench_speed import (  # noqa: E402  # noqa: E402
     resnet18_like,
     resnet50_like,
     vit_small_like,
+    write,
 )
 from transformers import TrainerCallback  # noqa: E402
 
@@ -320,20 +320,6 @@ def run(options: argparse.Namespace, argv: list[str] | None, log: Callable[[str]
                                               options, log))
     result["wall_seconds"] = time.perf_counter() - start
     return write(result, markdown, options, "store_cpu" + ("_quick" if options.quick else ""), log)
-
-
-def write(result: dict[str, Any], to_markdown: Callable[[dict], str], options: argparse.Namespace, name: str,
-          log: Callable[[str], None]) -> dict[str, Any]:
-    os.makedirs(options.output_dir, exist_ok=True)
-    stem = os.path.join(options.output_dir, name)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    table = to_markdown(result)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    log(table)
-    log(f"Wrote {stem}.{{json,md}} in {result['wall_seconds']:.0f} s")
-    return result
 
 
 if __name__ == "__main__":
