@@ -251,6 +251,11 @@ class RunSummary:
     seconds: float
     trainer: UDKDTrainer = field(repr=False)
 
+    def loss_weights(self) -> str:
+        args = self.trainer.args
+        standardized = "standardized logits" if args.logit_standardization else "plain logits"
+        return f"CE {args.w_ce:g}, logit {args.logit_loss.upper()} {args.w_logit:g} ({standardized})"
+
     @property
     def parameter_ratio(self) -> float:
         return self.teacher_parameters / self.student_parameters
@@ -264,6 +269,7 @@ class RunSummary:
             f"  teacher accuracy : {pct(self.teacher_accuracy)}  ({self.teacher_parameters:,} parameters)",
             f"  student accuracy : {pct(self.student_accuracy)}  ({self.student_parameters:,} parameters)",
             f"  parameter ratio  : {self.parameter_ratio:.1f}x fewer in the student",
+            f"  loss weights     : {self.loss_weights()}",
             f"  student saved in : {self.output_dir}",
             f"  teacher in       : {self.teacher_dir}",
             f"  wall time        : {self.seconds:.0f} s",

@@ -60,6 +60,8 @@ class DistillationModel(nn.Module):
         super().__init__()
         self.student = student
         self.student_tap = student_tap
+        # Built alone (UDKDTrainer resolves it from the training set first): as for labelled data.
+        args.resolve_loss_options(unlabelled=False)
         self.args = args
         self.noise = NoiseSource(args.seed)
         self.fusion: AdaptiveFeatureFusion | None = None
@@ -145,9 +147,10 @@ class DistillationModel(nn.Module):
             labels = torch.full(logits.shape[:1], IGNORE_INDEX, dtype=torch.long, device=logits.device)
 
         loss_ce = cross_entropy(logits, labels, args.label_smoothing_factor)
-        loss = args.w_ce * loss_ce
         if not self.uses_teacher:
-            return DistillationOutput(loss=loss, logits=logits, loss_ce=loss_ce)
+            # w_ce weighs CE against the distillation terms; alone, the loss is CE (the scratch baseline).
+            return DistillationOutput(loss=loss_ce, logits=logits, loss_ce=loss_ce)
+        loss = args.w_ce * loss_ce
         if teacher_logits is None:
             raise ValueError("the distiller needs teacher_logits with labels; UDKDTrainer passes them")
         terms = self._distillation_terms(logits, stages, labels, teacher_logits, teacher_features, logit_weight)

@@ -59,6 +59,23 @@ def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(ex[key]) for ex in examples]) for key in keys}
 
 
+def _resolve_loss_options(args: UDKDTrainingArguments, train_dataset: Any) -> None:
+    """`logit_standardization=None`: on when the training set holds unlabelled examples (where the accuracy study
+    measured it best, with Sun et al.'s weights), off otherwise (UniKD's published weights were best there)."""
+    if args.logit_standardization is not None:
+        args.resolve_loss_options(unlabelled=args.logit_standardization)
+        return
+    counted = validation.count_unlabelled(train_dataset)
+    unlabelled = counted is not None and counted[0] > 0
+    args.resolve_loss_options(unlabelled=unlabelled)
+    if train_dataset is not None:
+        seen = "labels not readable before training" if counted is None else f"{counted[0]:,} of {counted[1]:,} training examples unlabelled"
+        logger.info(
+            f"logit_standardization=None: {args.logit_standardization} ({seen}); w_ce={args.w_ce}, "
+            f"w_logit={args.w_logit}"
+        )
+
+
 class UDKDTrainer(Trainer):
     r"""
     Trainer for Unified Knowledge Distillation (UniKD, Huang et al., ECCV 2024) of image classifiers.
@@ -136,6 +153,7 @@ class UDKDTrainer(Trainer):
             AcceleratorState._reset_state()
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         set_seed(args.seed)
+        _resolve_loss_options(args, train_dataset if teacher is not None else None)
         distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
         validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
         validation.check_last_batch(distiller, train_dataset, args)

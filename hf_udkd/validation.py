@@ -94,6 +94,18 @@ def read_labels(dataset: Any, key: str) -> np.ndarray:
     return np.stack([np.asarray(torch.as_tensor(dataset[i][key])) for i in range(count)])
 
 
+def count_unlabelled(dataset: Any) -> tuple[int, int] | None:
+    """(unlabelled, examples) of a map-style training set (label ``IGNORE_INDEX`` or no label key; counted over
+    the first ``MAX_SCANNED_EXAMPLES`` when labels cannot be read as a column), or None when it has no length."""
+    if dataset is None or not _has_length(dataset) or len(dataset) == 0:
+        return None
+    key = _label_key(dataset[0])
+    if key is None:
+        return len(dataset), len(dataset)
+    labels = read_labels(dataset, key)
+    return int((labels == IGNORE_INDEX).sum()), len(labels)
+
+
 def check_label_dtype(name: str, key: str, value: Any) -> None:
     """An example's label as the collator will batch it must be an integer class id."""
     try:

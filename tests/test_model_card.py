@@ -183,6 +183,7 @@ def test_model_card_after_distillation(tmp_path, resnet_teacher, resnet_student,
     weights = (settings["temperature"], settings["w_logit"], settings["w_feat"], settings["w_supp"])
     assert weights == (2.0, 1.0, 0.5, 1.0)
     assert settings["aff_channels"] == 16
+    # Every training example is labelled: logit_standardization=None resolved to off, UniKD's weights.
     assert settings["w_ce"] == 1.0 and settings["logit_standardization"] is False
     assert settings["aff_init"] == "default" and "dkd_warmup_ratio" not in settings
     tapped = trainer.accelerator.unwrap_model(trainer.model).student_tap.stages

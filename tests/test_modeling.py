@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from hf_udkd import DistillationModel, FeatureTap, UDKDTrainer, UDKDTrainingArguments
 from hf_udkd.constants import IGNORE_INDEX
+from hf_udkd.data import PixelValuesDataset
 from hf_udkd.losses import standardize
 from hf_udkd.teacher import Teacher
 
@@ -53,7 +54,8 @@ def test_unlabelled_examples_get_only_the_distillation_terms(tmp_path, batch):
     torch.testing.assert_close(partial.loss_ce, F.cross_entropy(full.logits[1::2], labels[1::2]))
     for name in DISTILLATION_TERMS:
         torch.testing.assert_close(getattr(partial, name), getattr(full, name))
-    torch.testing.assert_close(partial.loss, full.loss - full.loss_ce + partial.loss_ce)
+    w_ce = model.args.w_ce
+    torch.testing.assert_close(partial.loss, full.loss - w_ce * full.loss_ce + w_ce * partial.loss_ce)
 
 
 def test_a_batch_without_labels_distils_every_example_and_has_zero_ce(tmp_path, batch):
@@ -82,13 +84,64 @@ def test_scratch_batch_without_a_labelled_example_is_zero_not_nan(tmp_path, batc
     output.loss.backward()
 
 
-def test_label_smoothing_and_w_ce_apply_to_cross_entropy(tmp_path, batch):
+def test_label_smoothing_applies_to_cross_entropy_and_w_ce_weighs_it_against_distillation(tmp_path, batch):
     pixel_values, labels = batch
-    model, _ = distiller_and_teacher(tmp_path, pixel_values, with_teacher=False,
+    alone, _ = distiller_and_teacher(tmp_path, pixel_values, with_teacher=False,
                                      label_smoothing_factor=0.2, w_ce=0.5)
-    output = model(pixel_values, labels)
+    output = alone(pixel_values, labels)
     torch.testing.assert_close(output.loss_ce, F.cross_entropy(output.logits, labels, label_smoothing=0.2))
-    torch.testing.assert_close(output.loss, 0.5 * output.loss_ce)
+    # Without a teacher there is nothing to weigh CE against: the loss is CE (the scratch baseline).
+    torch.testing.assert_close(output.loss, output.loss_ce)
+    distilled, (t_logits, t_features) = distiller_and_teacher(tmp_path, pixel_values, use_fdp=False, w_ce=0.5)
+    output = distilled(pixel_values, labels, t_logits, t_features)
+    torch.testing.assert_close(output.loss, 0.5 * output.loss_ce + distilled.args.w_logit * output.loss_logit)
+
+
+def test_loss_weights_follow_logit_standardization(tmp_path):
+    # Sun et al.'s weights come with standardization; without it, UniKD's published weights (CE 0.1 / KD 9 were
+    # not measured without it, nor with DKD). Weights given are kept.
+    standardized = make_args(tmp_path, logit_standardization=True)
+    assert (standardized.w_ce, standardized.w_logit) == (0.1, 9.0)
+    plain = make_args(tmp_path, logit_standardization=False)
+    assert (plain.w_ce, plain.w_logit) == (1.0, 1.0)
+    dkd = make_args(tmp_path, logit_standardization=True, logit_loss="dkd")
+    assert (dkd.w_ce, dkd.w_logit) == (1.0, 1.0)
+    chosen = make_args(tmp_path, logit_standardization=True, w_ce=0.5, w_logit=2.0)
+    assert (chosen.w_ce, chosen.w_logit) == (0.5, 2.0)
+    one_given = make_args(tmp_path, logit_standardization=False, w_logit=9.0)
+    assert (one_given.w_ce, one_given.w_logit) == (1.0, 9.0)
+    # The default is left to the trainer, which knows the training set.
+    auto = make_args(tmp_path)
+    assert (auto.logit_standardization, auto.w_ce, auto.w_logit) == (None, None, None)
+
+
+@pytest.mark.parametrize("unlabelled_share, standardized", [(0.0, False), (0.5, True), (1.0, True)])
+def test_default_standardizes_logits_when_the_training_set_has_unlabelled_examples(
+    tmp_path, digits, unlabelled_share, standardized
+):
+    train, _ = digits
+    labels = train.labels[:64].clone()
+    labels[: int(unlabelled_share * 64)] = IGNORE_INDEX
+    dataset = PixelValuesDataset(train.pixel_values[:64], labels)
+    student = build(resnet_config([8, 16, 32, 64]), tmp_path / "student")
+    teacher = build(resnet_config([16, 32, 64, 128]), tmp_path / "teacher")
+    trainer = UDKDTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, max_steps=1),
+                          train_dataset=dataset)
+    args = trainer.args
+    assert args.logit_standardization is standardized
+    assert (args.w_ce, args.w_logit) == ((0.1, 9.0) if standardized else (1.0, 1.0))
+    # What the loss uses: standardized KD ignores the teacher's logit scale, plain KD does not.
+    distiller = trainer.model.eval()
+    pixel_values = dataset.pixel_values[:8]
+    t_logits, t_features = trainer.teacher.outputs(pixel_values)
+    plain = distiller(pixel_values, labels[:8], t_logits, t_features).loss_logit
+    rescaled = distiller(pixel_values, labels[:8], 5.0 * t_logits, t_features).loss_logit
+    assert torch.isclose(plain, rescaled, atol=1e-6).item() is standardized
+    # No teacher: nothing to standardize, and the loss is CE alone.
+    alone = UDKDTrainer(model=build(resnet_config([8, 16, 32, 64]), tmp_path / "alone"),
+                        args=make_args(tmp_path, max_steps=1),
+                        train_dataset=PixelValuesDataset(train.pixel_values[:64], train.labels[:64]))
+    assert alone.args.logit_standardization is False
 
 
 @pytest.mark.parametrize("logit_loss", ["kd", "dkd"])
