@@ -59,7 +59,7 @@ QUICK_OUTPUT = Path(__file__).resolve().parent / "results" / "accuracy_quick"
 
 
 class Setting(NamedTuple):
-    labels_per_class: int
+    labels_per_class: int | None  # None: every training image labelled
     unlabelled: bool
 
 
@@ -68,6 +68,8 @@ SETTINGS: dict[str, Setting] = {
     "lpc30": Setting(30, False),
     "lpc100u": Setting(100, True),
     "lpc100": Setting(100, False),
+    # Every label: is a default chosen for few labels worse where labels are plentiful?
+    "all": Setting(None, False),
 }
 
 # name -> (hidden_sizes, depths) of the student ResNets; the stem already divides 32x32 by 4.
@@ -958,7 +960,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         + (f" ({next(iter(teachers.values()))['params']:,} params)" if teachers else ""),
         f"Students: {', '.join(f'{k} = ResNet {v[0]}' for k, v in STUDENTS.items())}; {s['student_steps']} steps, "
         f"batch {s['batch_size']}, SGD lr {s['learning_rate']} cosine, augment={s['augment']}. Settings: lpcN = N "
-        "labels per class; a trailing u adds the rest of the training split unlabelled (scratch ignores it).",
+        "labels per class; a trailing u adds the rest of the training split unlabelled (scratch ignores it); all = every training label.",
         "",
         "| student | setting | method | accuracy | vs KD | 95% CI | p | mean/std | s/run |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -1057,7 +1059,9 @@ def plot(summary: dict[str, Any], accuracy_path: Path, gap_path: Path) -> None:
             ax.set_xticks(x, names, rotation=40, ha="right", fontsize=8)
             setting_info = SETTINGS[setting]
             rest = " + unlabelled rest" if setting_info.unlabelled else ""
-            ax.set_title(f"{student}, {setting_info.labels_per_class} labels/class{rest}", fontsize=10)
+            labels = setting_info.labels_per_class
+            label_text = "all labels" if labels is None else f"{labels} labels/class"
+            ax.set_title(f"{student}, {label_text}{rest}", fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -307,7 +307,8 @@ def test_script_on_an_imagefolder_with_a_teacher_of_another_input_size(example, 
         assert (out / name).is_file(), name
     saved = AutoModelForImageClassification.from_pretrained(out)
     assert [saved.config.id2label[i] for i in range(3)] == CLASSES
-    assert "teacher accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "teacher accuracy" in printed and "CE 1, logit KD 1 (plain logits)" in printed
 
 
 def test_script_with_unlabeled_images(example, animals, imagefolder_run, tmp_path):
@@ -319,6 +320,9 @@ def test_script_with_unlabeled_images(example, animals, imagefolder_run, tmp_pat
     assert len(train) == 3 * 6 + 1 + 6 and labels.count(IGNORE_INDEX) == 6
     assert summary.trainer.state.global_step == 2
     assert all(np.isfinite(entry["loss"]) for entry in summary.trainer.state.log_history if "loss" in entry)
+    # Unlabelled images in the training set: the default standardizes the logits, with Sun et al.'s weights.
+    assert summary.trainer.args.logit_standardization is True
+    assert "CE 0.1, logit KD 9 (standardized logits)" in "\n".join(summary.lines())
 
 
 def test_script_refuses_a_teacher_it_cannot_find_before_training(example, imagefolder_run, tmp_path):
