@@ -152,8 +152,9 @@ class UDKDTrainer(Trainer):
             # refuses a second one; transformers resets it the same way between hyperparameter-search trials.
             AcceleratorState._reset_state()
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
-        set_seed(args.seed)
+        # Before seeding: reading the labels may run the data set's (random) transform.
         _resolve_loss_options(args, train_dataset if teacher is not None else None)
+        set_seed(args.seed)
         distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
         validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
         validation.check_last_batch(distiller, train_dataset, args)

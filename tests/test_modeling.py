@@ -350,3 +350,34 @@ def test_pp_lcnet_student_trains_with_logit_kd_and_predicts(tmp_path, batch):
     torch.testing.assert_close(out.logits, expected)
     assert torch.isfinite(out.loss) and out.loss_logit > 0
     torch.testing.assert_close(model(pixel_values).logits, expected)
+
+
+class RandomlyShiftedImages(torch.utils.data.Dataset):
+    """Labelled images whose labels can only be read through ``__getitem__``, which draws from torch's generator
+    (as a random augmentation does)."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
+        self.pixel_values, self.labels_ = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[i] + 0.01 * torch.randn(()), "labels": self.labels_[i]}
+
+
+def test_the_default_loss_choice_leaves_the_run_as_the_explicit_one(tmp_path, digits):
+    # Reading the labels runs the transform; the heads must still start as with the choice spelled out.
+    train, _ = digits
+    dataset = RandomlyShiftedImages(train.pixel_values[:32], train.labels[:32])
+    heads = []
+    for options in ({}, {"logit_standardization": False, "w_ce": 1.0, "w_logit": 1.0}):
+        student = build(resnet_config([8, 16, 32, 64]), tmp_path / "student")
+        teacher = build(resnet_config([16, 32, 64, 128]), tmp_path / "teacher")
+        trainer = UDKDTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, **options),
+                              train_dataset=dataset)
+        assert trainer.args.logit_standardization is False
+        heads.append({k: v for k, v in trainer.model.state_dict().items() if not k.startswith("student.")})
+    assert heads[0].keys() == heads[1].keys() and heads[0]
+    for name, value in heads[0].items():
+        torch.testing.assert_close(value, heads[1][name], rtol=0, atol=0, msg=name)
