@@ -57,3 +57,18 @@ def test_gpu_check_runs_on_cpu_and_writes_its_table(tmp_path):
     assert "| fp32 | 4 | no | unikd |" in table and "| fp32 | 4 | no | student_only | " in table
     # The store-fed row never ran the teacher in its steps; its losses are those of a live teacher's run.
     assert runs["unikd_stored"]["loss_finite"] and runs["unikd_stored"]["compiled"] is False
+
+
+def test_builtin_defaults_configurations_parse_and_the_report_pairs_seeds(tmp_path):
+    bench = load_script("benchmarks/builtin_defaults.py")
+    example = load_script("examples/run_image_classification_udkd.py")
+    # Every configuration is a valid set of the example's flags, and names its loss (except "defaults").
+    for name, flags in bench.CONFIGS.items():
+        _, _, args = example.parse_arguments(["--output_dir", str(tmp_path / name), *flags])
+        if name != "defaults":
+            assert args.logit_standardization is not None and args.w_ce is not None
+    rows = [{"config": name, "seed": seed, "accuracy": 90.0 + seed + (0.5 if name == "unikd" else 0.0) * seed,
+             "teacher_accuracy": 95.0} for name in bench.CONFIGS for seed in (1, 2, 3)]
+    text = bench.report(rows, [1, 2, 3])
+    # unikd - kd = 0.5, 1.0, 1.5 over the seeds: mean +1.00, std 0.50, mean/std +2.0.
+    assert "| unikd | 93.00 +- 1.50 | 91.50 / 93.00 / 94.50 | +1.00 +- 0.50 | +2.0 |" in text
