@@ -59,20 +59,19 @@ def _probe_batch(dataset, role: str) -> dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(ex[key]) for ex in examples]) for key in keys}
 
 
-def _resolve_loss_options(args: UDKDTrainingArguments, train_dataset: Any) -> None:
-    """`logit_standardization=None`: on when the training set holds unlabelled examples (where the accuracy study
-    measured it best, with Sun et al.'s weights), off otherwise (UniKD's published weights were best there)."""
+def _resolve_loss_options(args: UDKDTrainingArguments, counted: tuple[int, int] | None, has_train: bool) -> None:
+    """`logit_standardization=None`: on when the training set holds unlabelled examples (``counted``: unlabelled,
+    examples), where the accuracy study measured it best with Sun et al.'s weights; off otherwise, where UniKD's
+    published weights were best."""
     if args.logit_standardization is not None:
         args.resolve_loss_options(unlabelled=args.logit_standardization)
         return
-    counted = validation.count_unlabelled(train_dataset)
-    unlabelled = counted is not None and counted[0] > 0
-    args.resolve_loss_options(unlabelled=unlabelled)
-    if train_dataset is not None:
-        seen = "labels not readable before training" if counted is None else f"{counted[0]:,} of {counted[1]:,} training examples unlabelled"
+    args.resolve_loss_options(unlabelled=counted is not None and counted[0] > 0)
+    if has_train:
+        seen = "labels not read before training" if counted is None else f"{counted[0]:,} of {counted[1]:,} unlabelled"
         logger.info(
-            f"logit_standardization=None: {args.logit_standardization} ({seen}); w_ce={args.w_ce}, "
-            f"w_logit={args.w_logit}"
+            f"logit_standardization=None: {args.logit_standardization} (training set: {seen}); "
+            f"w_ce={args.w_ce}, w_logit={args.w_logit}"
         )
 
 
@@ -153,10 +152,10 @@ class UDKDTrainer(Trainer):
             AcceleratorState._reset_state()
         # The heads are built here, before Trainer.__init__ seeds, so seed them for reproducible runs.
         # Before seeding: reading the labels may run the data set's (random) transform.
-        _resolve_loss_options(args, train_dataset if teacher is not None else None)
+        unlabelled = validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
+        _resolve_loss_options(args, unlabelled if teacher is not None else None, train_dataset is not None)
         set_seed(args.seed)
         distiller = DistillationModel(student, student_tap, teacher.stage if teacher is not None else None, args)
-        validation.check_labels(train_dataset, eval_dataset, student_tap.num_labels)
         validation.check_last_batch(distiller, train_dataset, args)
 
         super().__init__(

@@ -94,18 +94,6 @@ def read_labels(dataset: Any, key: str) -> np.ndarray:
     return np.stack([np.asarray(torch.as_tensor(dataset[i][key])) for i in range(count)])
 
 
-def count_unlabelled(dataset: Any) -> tuple[int, int] | None:
-    """(unlabelled, examples) of a map-style training set (label ``IGNORE_INDEX`` or no label key; counted over
-    the first ``MAX_SCANNED_EXAMPLES`` when labels cannot be read as a column), or None when it has no length."""
-    if dataset is None or not _has_length(dataset) or len(dataset) == 0:
-        return None
-    key = _label_key(dataset[0])
-    if key is None:
-        return len(dataset), len(dataset)
-    labels = read_labels(dataset, key)
-    return int((labels == IGNORE_INDEX).sum()), len(labels)
-
-
 def check_label_dtype(name: str, key: str, value: Any) -> None:
     """An example's label as the collator will batch it must be an integer class id."""
     try:
@@ -138,18 +126,29 @@ def check_label_range(name: str, labels: np.ndarray, k: int) -> None:
         )
 
 
-def check_labels(train_dataset: Any, eval_dataset: Any, k: int) -> None:
+def check_labels(train_dataset: Any, eval_dataset: Any, k: int) -> tuple[int, int] | None:
     """The labels of every data set whose examples have them are integer classes of the student's ``k`` (or
-    ``IGNORE_INDEX``). Examples without labels are legal: they are distilled."""
+    ``IGNORE_INDEX``). Examples without labels are legal: they are distilled.
+
+    Returns ``(unlabelled, examples)`` of the training set, counted over the labels read (all of them when they
+    can be read without the transform), or None without a training set or when its labels cannot be read before
+    training (an iterable data set)."""
+    counted = None
     for name, dataset in _named_datasets(train_dataset, eval_dataset):
         if not _has_length(dataset):
             continue
         example = dataset[0]
         key = _label_key(example)
         if key is None:
+            if dataset is train_dataset:
+                counted = (len(dataset), len(dataset))
             continue
         check_label_dtype(name, key, example[key])
-        check_label_range(name, read_labels(dataset, key), k)
+        labels = read_labels(dataset, key)
+        check_label_range(name, labels, k)
+        if dataset is train_dataset:
+            counted = (int((labels == IGNORE_INDEX).sum()), len(labels))
+    return counted
 
 
 def _check_images(pixel_values: torch.Tensor, model: nn.Module, role: str, key: str) -> None:
