@@ -52,6 +52,10 @@ def run(work: Path, teacher_dir: Path, name: str, seed: int) -> dict:
             "teacher_accuracy": 100 * data["teacher_eval_accuracy"]}
 
 
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
 def report(rows: list[dict], seeds: list[int]) -> str:
     by = {(r["config"], r["seed"]): r["accuracy"] for r in rows}
     teacher = rows[0]["teacher_accuracy"]
@@ -64,14 +68,14 @@ def report(rows: list[dict], seeds: list[int]) -> str:
     ]
     for name in CONFIGS:
         values = [by[name, s] for s in seeds]
-        cells = [f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}",
+        cells = [f"{statistics.mean(values):.2f} +- {_spread(values):.2f}",
                  " / ".join(f"{v:.2f}" for v in values)]
         if name == "kd":
             cells += ["", ""]
         else:
             diffs = [by[name, s] - by["kd", s] for s in seeds]
-            mean, std = statistics.mean(diffs), statistics.stdev(diffs)
-            cells += [f"{mean:+.2f} +- {std:.2f}", f"{mean / std:+.1f}" if std else ""]
+            mean, std = statistics.mean(diffs), _spread(diffs)
+            cells += [f"{mean:+.2f} +- {std:.2f}", f"{mean / std:+.1f}" if std > 0 else ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
