@@ -63,11 +63,9 @@ def _resolve_loss_options(args: UDKDTrainingArguments, counted: tuple[int, int] 
     """`logit_standardization=None`: on when the training set holds unlabelled examples (``counted``: unlabelled,
     examples), where the accuracy study measured it best with Sun et al.'s weights; off otherwise, where UniKD's
     published weights were best."""
-    if args.logit_standardization is not None:
-        args.resolve_loss_options(unlabelled=args.logit_standardization)
-        return
+    chosen_here = args.logit_standardization is None
     args.resolve_loss_options(unlabelled=counted is not None and counted[0] > 0)
-    if has_train:
+    if chosen_here and has_train:
         seen = "labels not read before training" if counted is None else f"{counted[0]:,} of {counted[1]:,} unlabelled"
         logger.info(
             f"logit_standardization=None: {args.logit_standardization} (training set: {seen}); "
