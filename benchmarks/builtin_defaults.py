@@ -23,16 +23,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "run_image_classification_udkd.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Flags of the example; every configuration names its weights and standardization, so a change of the library's
-# defaults does not change what a row means.
-PAPER = ["--logit_standardization", "False", "--w_ce", "1", "--w_logit", "1"]
-SUN = ["--logit_standardization", "True", "--w_ce", "0.1", "--w_logit", "9"]
+from accuracy_study import METHODS  # noqa: E402
+
+
+def _flags(options: dict) -> list[str]:
+    return [flag for name, value in options.items() for flag in (f"--{name}", str(value))]
+
+
+# The accuracy study's methods as flags of the example: each names its weights and standardization, so a change of
+# the library's defaults does not change what a row means.
 CONFIGS: dict[str, list[str]] = {
-    "kd": [*PAPER, "--use_fdp", "False"],
-    "unikd": PAPER,
-    "kd_ls_w9": [*SUN, "--use_fdp", "False"],
-    "unikd_ls_w9": SUN,
+    **{name: _flags(METHODS[name].options) for name in ("kd", "unikd", "kd_ls_w9", "unikd_ls_w9")},
     "defaults": [],  # whatever UDKDTrainingArguments ships
 }
 
